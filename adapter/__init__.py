@@ -1,0 +1,7 @@
+"""ID-Animator face adapter in pure PyTorch (no ComfyUI imports anywhere in this package).
+
+Modules: `checkpoint` (reading and validating animator.ckpt), `resampler` (face tokens),
+`layer_map` (the 16 cross-attention layers), `face_attention` (decoupled attention maths),
+`lora` (attn2 LoRA as weight patches), `identity` (averaging, mixing, per-frame schedules),
+`face_detection` (insightface detection and official alignment), `errors`.
+"""

@@ -1,0 +1,13 @@
+"""Errors the pack raises on purpose: each message says what is wrong and what to do."""
+
+
+class IDAnimatorError(Exception):
+    """Base class: anything the user can fix (a wrong file, an image with no face...)."""
+
+
+class CheckpointError(IDAnimatorError, ValueError):
+    """A weights file that is not a valid ID-Animator (or CLIP vision) checkpoint."""
+
+
+class NoFaceError(IDAnimatorError, ValueError):
+    """No usable face in the given image(s)."""

@@ -1,0 +1,25 @@
+"""Thin ComfyUI glue (V3 schema): one file per node, the attention patch, model folders."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import folders
+from .apply_face_adapter import ApplyFaceAdapter
+from .face_encode import FaceEncode
+from .id_mix import IDMix
+from .load_id_animator import LoadIDAnimator
+
+NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter]
+
+
+class IDAnimatorExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        folders.register()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> IDAnimatorExtension:
+    folders.register()  # before any schema lists files (on_load runs later on some versions)
+    return IDAnimatorExtension()

@@ -1,0 +1,97 @@
+"""LoadIDAnimator: the face adapter, the CLIP ViT-H/14 vision tower and a face detector."""
+from __future__ import annotations
+
+import logging
+
+import comfy.clip_vision
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..adapter.checkpoint import load_adapter_checkpoint
+from ..adapter.errors import CheckpointError
+from ..adapter.face_detection import FaceDetector, resolve_providers
+from ..adapter.resampler import Resampler
+from . import folders
+from .types import ID_ANIMATOR, IDAnimator
+
+PROVIDERS = ["auto", "CPU", "CUDA", "ROCM", "CoreML"]
+VIT_H = {"hidden_size": 1280, "num_hidden_layers": 32, "image_size": 224, "patch_size": 14}
+DOWNLOAD_HINT = ("animator.ckpt comes from the ID-Animator Hugging Face Space "
+                 "(huggingface.co/spaces/ID-Animator/ID-Animator) and goes in models/id_animator/.")
+
+
+def describe_clip_vision(config: dict) -> str:
+    width, layers = config.get("hidden_size"), config.get("num_hidden_layers")
+    known = {(1024, 24): "ViT-L/14", (1280, 32): "ViT-H/14", (1664, 48): "ViT-bigG/14", (1152, 27): "SigLIP"}
+    return f"{known.get((width, layers), 'an unknown vision model')} (width {width}, {layers} layers)"
+
+
+def load_clip_vision_h(name: str):
+    """Load through ComfyUI's own loader, then insist on OpenCLIP ViT-H/14 (official §4.3)."""
+    path = folder_paths.get_full_path_or_raise("clip_vision", name)
+    state = comfy.utils.load_torch_file(path, safe_load=True)
+    clip_vision = comfy.clip_vision.load_clipvision_from_sd(state, prefix="", convert_keys=True)
+    if clip_vision is None:
+        raise CheckpointError(
+            f"clip_vision '{name}' is not a CLIP vision model ComfyUI recognises. ID-Animator needs "
+            "OpenCLIP ViT-H/14 (the IP-Adapter SD1.5 image encoder, e.g. "
+            "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) in models/clip_vision/.")
+    config = clip_vision.config
+    if clip_vision.model_type != "clip_vision_model" or any(config.get(k) != v for k, v in VIT_H.items()):
+        raise CheckpointError(
+            f"clip_vision '{name}' is {describe_clip_vision(config)}; ID-Animator was trained on "
+            "OpenCLIP ViT-H/14 (width 1280, 32 layers, 224 px). Select "
+            "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors (the IP-Adapter SD1.5 image encoder).")
+    return clip_vision
+
+
+class LoadIDAnimator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoadIDAnimator",
+            display_name="Load ID-Animator",
+            category="id_animator",
+            description="Loads the ID-Animator face adapter, the CLIP ViT-H/14 image encoder and an "
+                        "insightface face detector, for FaceEncode and ApplyFaceAdapter.",
+            search_aliases=["id animator", "face adapter", "identity video", "insightface"],
+            inputs=[
+                io.Combo.Input("adapter_name", options=folders.adapter_files(),
+                               tooltip="The ID-Animator adapter (animator.ckpt, or a converted .safetensors) "
+                                       "in models/id_animator/."),
+                io.Combo.Input("clip_vision_name", options=folder_paths.get_filename_list("clip_vision"),
+                               tooltip="CLIP ViT-H/14 image encoder in models/clip_vision/ (the IP-Adapter "
+                                       "SD1.5 encoder, CLIP-ViT-H-14-laion2B-s32B-b79K). ViT-L or bigG will not work."),
+                io.Combo.Input("face_detector", options=folders.detector_packs(),
+                               tooltip="insightface pack folder under models/insightface/models/ (buffalo_l, "
+                                       "antelopev2, or a folder holding one SCRFD detector). Only its detection "
+                                       "model is loaded."),
+                io.Combo.Input("provider", options=PROVIDERS, default="auto",
+                               tooltip="Where the face detector runs (onnxruntime). auto = CUDA/ROCm/CoreML when "
+                                       "this onnxruntime has it, else CPU. Detection is a small part of the work."),
+            ],
+            outputs=[ID_ANIMATOR.Output(display_name="id_animator",
+                                                    tooltip="Adapter, image encoder and detector, for FaceEncode "
+                                                            "and ApplyFaceAdapter.")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name: str, clip_vision_name: str, face_detector: str, provider: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path(folders.ADAPTER_FOLDER, adapter_name)
+        if path is None:
+            raise FileNotFoundError(f"'{adapter_name}' is not in models/id_animator/. {DOWNLOAD_HINT}")
+        weights = load_adapter_checkpoint(path)
+        resampler = Resampler()
+        resampler.load_state_dict(weights.resampler)
+        resampler.eval()
+        resampler_patcher = comfy.model_patcher.CoreModelPatcher(
+            resampler, load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device())
+        clip_vision = load_clip_vision_h(clip_vision_name)
+        detector = FaceDetector(folders.detector_pack_path(face_detector), resolve_providers(provider))
+        logging.info("ID-Animator: loaded %s; face detector %s runs on %s", adapter_name, face_detector,
+                     ", ".join(detector.providers_in_use))
+        return io.NodeOutput(IDAnimator(adapter_name, weights, resampler_patcher, clip_vision, detector))

@@ -1,0 +1,29 @@
+"""Socket types of this pack, declared once.
+
+- `ID_ANIMATOR` carries an `IDAnimator`: the validated adapter weights, the Resampler (wrapped
+  in a ModelPatcher so ComfyUI's memory management moves it), the CLIP ViT-H/14 vision tower and
+  the face detector.
+- `FACE_EMBEDS` carries an `adapter.identity.FaceEmbeds`: 16 face tokens per identity, the
+  unconditional tokens, and how identities blend across the frames of the video.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from comfy_api.latest import io
+
+from ..adapter.checkpoint import AdapterWeights
+from ..adapter.face_detection import FaceDetector
+
+ID_ANIMATOR = io.Custom("ID_ANIMATOR")
+FACE_EMBEDS = io.Custom("FACE_EMBEDS")
+
+
+@dataclass(frozen=True)
+class IDAnimator:
+    adapter_name: str
+    weights: AdapterWeights
+    resampler_patcher: Any  # comfy.model_patcher.ModelPatcher around adapter.resampler.Resampler
+    clip_vision: Any  # comfy.clip_vision.ClipVisionModel (ViT-H/14)
+    detector: FaceDetector

