@@ -1,0 +1,148 @@
+"""Identity maths: photo averaging, blends, per-frame morph schedules (the FACE_EMBEDS payload)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from id_animator.adapter.errors import IDAnimatorError
+from id_animator.adapter.identity import (
+    Blend, FaceEmbeds, Identity, average_photos, blend, single_identity, weighted_blend)
+
+WIDTH = 768
+
+
+def person(seed: int, photos: int = 1) -> FaceEmbeds:
+    generator = torch.Generator().manual_seed(seed)
+    uncond = torch.randn(16, WIDTH, generator=torch.Generator().manual_seed(999))
+    return single_identity(torch.randn(photos, 16, WIDTH, generator=generator), uncond)
+
+
+def test_average_photos_is_the_equal_mean() -> None:
+    tokens = torch.randn(3, 16, WIDTH, generator=torch.Generator().manual_seed(0))
+    mean = average_photos(tokens)
+    assert mean.shape == (16, WIDTH)
+    assert torch.allclose(mean, (tokens[0] + tokens[1] + tokens[2]) / 3, rtol=0, atol=1e-6)
+    with pytest.raises(IDAnimatorError):
+        average_photos(torch.zeros(0, 16, WIDTH))
+
+
+def test_single_identity_holds_the_mean_and_is_static() -> None:
+    tokens = torch.randn(4, 16, WIDTH, generator=torch.Generator().manual_seed(1))
+    uncond = torch.randn(16, WIDTH, generator=torch.Generator().manual_seed(2))
+    embeds = single_identity(tokens, uncond)
+    assert embeds.face_tokens.shape == (1, 16, WIDTH)
+    assert torch.equal(embeds.face_tokens[0], tokens.mean(dim=0))
+    assert embeds.uncond_tokens is uncond
+    assert embeds.is_static and embeds.schedule == Identity(0)
+    assert torch.equal(embeds.tokens_for_frames(range(5), 5), embeds.face_tokens.expand(5, -1, -1))
+    one_photo = single_identity(tokens[0], uncond)  # (16, 768) is one photo
+    assert torch.equal(one_photo.face_tokens[0], tokens[0])
+
+
+@pytest.mark.parametrize("frames", [1, 2, 16])
+def test_blend_zero_is_exactly_a_and_one_exactly_b(frames: int) -> None:
+    a, b = person(10), person(11)
+    at_a, at_b = blend(a, b, 0.0), blend(a, b, 1.0)
+    assert torch.equal(at_a.frame_weights(range(frames), frames),
+                       torch.tensor([[1.0, 0.0]]).expand(frames, -1))
+    assert torch.equal(at_b.frame_weights(range(frames), frames),
+                       torch.tensor([[0.0, 1.0]]).expand(frames, -1))
+    assert torch.equal(at_a.tokens_for_frames(range(frames), frames),
+                       a.face_tokens.expand(frames, -1, -1))
+    assert torch.equal(at_b.tokens_for_frames(range(frames), frames),
+                       b.face_tokens.expand(frames, -1, -1))
+    assert torch.equal(at_b.uncond_tokens, a.uncond_tokens)
+
+
+def test_static_blend_is_the_weighted_mean() -> None:
+    a, b = person(20), person(21)
+    mixed = blend(a, b, 0.3)
+    assert mixed.is_static and mixed.identities == 2
+    tokens = mixed.tokens_for_frames([0, 7], 8)
+    expected = 0.7 * a.face_tokens[0] + 0.3 * b.face_tokens[0]
+    assert torch.allclose(tokens, expected.expand(2, -1, -1), rtol=0, atol=1e-5)
+
+
+def test_morph_hits_endpoints_and_is_linear_between() -> None:
+    a, b = person(30), person(31)
+    morph = blend(a, b, 0.1, 0.7)
+    assert not morph.is_static
+    frames = 7
+    weights = morph.frame_weights(range(frames), frames)
+    # lerp is exact at both ends: the first and last frames get exactly `start` and `end`.
+    assert weights[0, 1] == torch.tensor(0.1) and weights[-1, 1] == torch.tensor(0.7)
+    expected_b = torch.tensor([0.1 + 0.6 * i / (frames - 1) for i in range(frames)])
+    assert torch.allclose(weights[:, 1], expected_b, rtol=0, atol=1e-6)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(frames), rtol=0, atol=1e-6)
+    middle = morph.tokens_for_frames([3], frames)[0]
+    assert torch.allclose(middle, 0.6 * a.face_tokens[0] + 0.4 * b.face_tokens[0], atol=1e-5)
+
+
+def test_full_morph_starts_at_a_and_ends_at_b() -> None:
+    a, b = person(40), person(41)
+    morph = blend(a, b, 0.0, 1.0)
+    tokens = morph.tokens_for_frames([0, 15], 16)
+    assert torch.equal(tokens[0], a.face_tokens[0])
+    assert torch.equal(tokens[1], b.face_tokens[0])
+
+
+def test_weights_at_takes_video_positions() -> None:
+    morph = blend(person(50), person(51), 0.2, 0.6)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    assert torch.allclose(morph.weights_at(t)[:, 1], torch.tensor([0.2, 0.3, 0.6]), atol=1e-6)
+
+
+def test_frame_weights_clamp_and_single_frame_video() -> None:
+    morph = blend(person(60), person(61), 0.0, 1.0)
+    past_end = morph.frame_weights([3, 4, 9], 4)
+    assert torch.equal(past_end, torch.tensor([[0.0, 1.0]] * 3))
+    before_start = morph.frame_weights([-2], 4)
+    assert torch.equal(before_start, torch.tensor([[1.0, 0.0]]))
+    single = morph.frame_weights([0, 1], 1)  # one-frame video: t = 0, the start of the morph
+    assert torch.equal(single, torch.tensor([[1.0, 0.0]] * 2))
+    with pytest.raises(IDAnimatorError, match="frame"):
+        morph.frame_weights([0], 0)
+
+
+def test_chained_three_way_blend() -> None:
+    a, b, c = person(70), person(71), person(72)
+    ab = blend(a, b, 0.5)
+    abc = blend(ab, c, 0.25, 0.75)
+    assert abc.identities == 3
+    assert abc.schedule == Blend(Blend(Identity(0), Identity(1), 0.5, 0.5), Identity(2), 0.25, 0.75)
+    weights = abc.frame_weights(range(5), 5)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(5), rtol=0, atol=1e-6)
+    assert torch.allclose(weights[0], torch.tensor([0.375, 0.375, 0.25]), atol=1e-6)
+    assert torch.allclose(weights[-1], torch.tensor([0.125, 0.125, 0.75]), atol=1e-6)
+    # Blending onto a blend re-indexes the right-hand identities.
+    c_ab = blend(c, ab, 1.0)
+    assert c_ab.schedule == Blend(Identity(0), Blend(Identity(1), Identity(2), 0.5, 0.5), 1.0, 1.0)
+    assert torch.equal(c_ab.face_tokens[0], c.face_tokens[0])
+    assert torch.allclose(c_ab.tokens_for_frames([0], 1)[0],
+                          0.5 * a.face_tokens[0] + 0.5 * b.face_tokens[0], atol=1e-5)
+
+
+def test_weighted_blend_normalises_weights() -> None:
+    people = [person(80), person(81), person(82)]
+    mixed = weighted_blend(people, [2.0, 1.0, 1.0])
+    assert mixed.is_static
+    assert torch.allclose(mixed.frame_weights([0], 1)[0], torch.tensor([0.5, 0.25, 0.25]), atol=1e-6)
+    only_second = weighted_blend(people, [0.0, 3.0, 0.0])
+    assert torch.equal(only_second.tokens_for_frames([0], 1)[0], people[1].face_tokens[0])
+    with pytest.raises(IDAnimatorError):
+        weighted_blend(people, [1.0, -1.0, 1.0])
+    with pytest.raises(IDAnimatorError):
+        weighted_blend(people, [1.0, 1.0])
+
+
+def test_invalid_inputs_are_rejected() -> None:
+    a, b = person(90), person(91)
+    with pytest.raises(IDAnimatorError, match=r"\[0, 1\]"):
+        blend(a, b, 1.5)
+    with pytest.raises(IDAnimatorError, match="identities"):
+        FaceEmbeds(a.face_tokens, a.uncond_tokens, Identity(1))
+    with pytest.raises(IDAnimatorError, match="Unconditional"):
+        FaceEmbeds(a.face_tokens, torch.zeros(16, 1024))
+    other_width = single_identity(torch.zeros(1, 16, 1024), torch.zeros(16, 1024))
+    with pytest.raises(IDAnimatorError, match="same ID-Animator"):
+        blend(a, other_width, 0.5)

@@ -1,0 +1,88 @@
+"""attn2 LoRA: pairs keyed by ComfyUI weight keys, and the fp32 merge W + strength·up@down."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from id_animator.adapter.errors import CheckpointError
+from id_animator.adapter.layer_map import LAYERS, TEXT_CONTEXT_DIM
+from id_animator.adapter.lora import LoRAPair, attn2_lora_pairs, merge_lora
+
+RANK = 4  # the real adapter uses 128; the maths does not depend on it
+
+
+def layer_tensors(channels: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    tensors = {"to_k_face.weight": torch.randn(channels, TEXT_CONTEXT_DIM, generator=generator),
+               "to_v_face.weight": torch.randn(channels, TEXT_CONTEXT_DIM, generator=generator)}
+    for target, fan_in in (("to_q", channels), ("to_k", TEXT_CONTEXT_DIM),
+                           ("to_v", TEXT_CONTEXT_DIM), ("to_out", channels)):
+        tensors[f"{target}_lora.down.weight"] = torch.randn(RANK, fan_in, generator=generator)
+        tensors[f"{target}_lora.up.weight"] = torch.randn(channels, RANK, generator=generator)
+    return tensors
+
+
+def test_pairs_cover_the_64_attn2_weights() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weights = {layer.official_index: layer_tensors(layer.channels, generator) for layer in LAYERS}
+    pairs = attn2_lora_pairs(weights)
+    assert len(pairs) == 64
+    for layer in LAYERS:
+        tensors = weights[layer.official_index]
+        for target, key in layer.weight_keys.items():
+            pair = pairs[key]
+            assert pair.up is tensors[f"{target}_lora.up.weight"]
+            assert pair.down is tensors[f"{target}_lora.down.weight"]
+        in_features = {"to_q": layer.channels, "to_k": TEXT_CONTEXT_DIM,
+                       "to_v": TEXT_CONTEXT_DIM, "to_out": layer.channels}
+        for target, key in layer.weight_keys.items():
+            assert (pairs[key].up @ pairs[key].down).shape == (layer.channels, in_features[target])
+
+
+def test_missing_lora_tensor_is_named() -> None:
+    tensors = layer_tensors(320, torch.Generator().manual_seed(1))
+    del tensors["to_v_lora.up.weight"]
+    with pytest.raises(CheckpointError, match=r"1\.to_v_lora\.up\.weight"):
+        attn2_lora_pairs({1: tensors})
+
+
+def test_wrong_channels_are_rejected() -> None:
+    tensors = layer_tensors(640, torch.Generator().manual_seed(2))
+    with pytest.raises(CheckpointError, match="320"):
+        attn2_lora_pairs({1: tensors})  # index 1 is a 320-channel block
+
+
+def test_pair_ranks_must_chain() -> None:
+    with pytest.raises(CheckpointError, match="rank"):
+        LoRAPair(up=torch.zeros(8, 4), down=torch.zeros(3, 8))
+
+
+def test_merge_is_weight_plus_scaled_product_without_alpha() -> None:
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 12, generator=generator)
+    pair = LoRAPair(up=torch.randn(16, RANK, generator=generator),
+                    down=torch.randn(RANK, 12, generator=generator))
+    x = torch.randn(5, 12, generator=generator)
+    merged = merge_lora(weight, pair)
+    # Official LoRALinearLayer: W x + up(down(x)), no alpha/rank factor.
+    unmerged = x @ weight.T + (x @ pair.down.T) @ pair.up.T
+    assert torch.allclose(x @ merged.T, unmerged, rtol=1e-5, atol=1e-5)
+    half = merge_lora(weight, pair, strength=0.5)
+    assert torch.allclose(half, weight + 0.5 * pair.up @ pair.down, rtol=0, atol=1e-5)
+    assert torch.equal(merge_lora(weight, pair, strength=0.0), weight)
+
+
+def test_merge_keeps_dtype_and_computes_in_fp32() -> None:
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(16, 12, generator=generator).to(torch.float16)
+    pair = LoRAPair(up=torch.randn(16, RANK, generator=generator).to(torch.float16),
+                    down=torch.randn(RANK, 12, generator=generator).to(torch.float16))
+    merged = merge_lora(weight, pair)
+    assert merged.dtype == torch.float16
+    expected = (weight.float() + pair.up.float() @ pair.down.float()).to(torch.float16)
+    assert torch.equal(merged, expected)
+
+
+def test_merge_rejects_mismatched_weight() -> None:
+    pair = LoRAPair(up=torch.zeros(16, RANK), down=torch.zeros(RANK, 12))
+    with pytest.raises(CheckpointError, match="SD1.5"):
+        merge_lora(torch.zeros(16, 16), pair)
