@@ -25,7 +25,7 @@ class Identity:
 
 @dataclass(frozen=True)
 class Blend:
-    """(1-w)·a + w·b, with b's weight w going linearly from `start` (first frame) to `end` (last)."""
+    """(1-w)·a + w·b; b's weight w goes linearly from `start` (first frame) to `end` (last)."""
 
     a: "Schedule"
     b: "Schedule"

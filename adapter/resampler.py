@@ -95,7 +95,7 @@ class Resampler(torch.nn.Module):
         )
 
     def forward(self, clip_penultimate: Tensor) -> Tensor:
-        """(B, 257, embedding_dim) penultimate CLIP hidden states -> (B, num_queries, output_dim)."""
+        """Penultimate CLIP states (B, 257, embedding_dim) -> (B, num_queries, output_dim)."""
         if clip_penultimate.ndim != 3 or clip_penultimate.shape[-1] != self.embedding_dim:
             raise IDAnimatorError(
                 f"The ID-Animator Resampler expects CLIP vision features of shape "
