@@ -223,6 +223,9 @@ def find_detection_model(pack_dir: str | Path) -> Path:
     pack = Path(pack_dir).expanduser()
     if pack.is_file() and pack.suffix.lower() == ".onnx":
         candidates = [pack]
+    elif pack.is_file():
+        raise IDAnimatorError(f"{pack} is a file, not a folder: give the insightface pack folder "
+                              f"({PACK_FOLDER_HINT}) or its detection .onnx file.")
     elif not pack.is_dir():
         raise IDAnimatorError(
             f"insightface model folder not found: {pack}. Put the pack's .onnx files in {PACK_FOLDER_HINT}.")

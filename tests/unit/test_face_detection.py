@@ -143,6 +143,24 @@ def test_unavailable_gpu_provider_explains_how_to_get_it() -> None:
     assert "Face detection on the GPU" in message
 
 
+@pytest.mark.parametrize("available, choice, expected", [
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "auto", "CUDAExecutionProvider"),
+    (["CoreMLExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "auto",
+     "CUDAExecutionProvider"),
+    (["CoreMLExecutionProvider", "CPUExecutionProvider"], "auto", "CoreMLExecutionProvider"),
+    (["MIGraphXExecutionProvider", "CPUExecutionProvider"], "ROCM", "MIGraphXExecutionProvider"),
+    (["ROCMExecutionProvider", "CPUExecutionProvider"], "rocm", "ROCMExecutionProvider"),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDA", "CUDAExecutionProvider"),
+])
+def test_gpu_choices_map_to_onnxruntime_names(available: list[str], choice: str, expected: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(available))
+    assert resolve_providers(choice) == [expected, "CPUExecutionProvider"]
+    assert resolve_providers("CPU") == ["CPUExecutionProvider"]
+
+
 def test_unknown_provider_lists_choices() -> None:
     with pytest.raises(IDAnimatorError, match="CoreML"):
         resolve_providers("TPU")
@@ -167,6 +185,9 @@ def tiny_recognition_onnx(path: Path) -> None:
 def test_missing_pack_folder_says_where_packs_go(tmp_path: Path) -> None:
     with pytest.raises(IDAnimatorError, match="models/insightface/models"):
         FaceDetector(tmp_path / "buffalo_l")
+    (tmp_path / "notes.txt").write_text("a file, not a pack")
+    with pytest.raises(IDAnimatorError, match="not a folder"):
+        FaceDetector(tmp_path / "notes.txt")
 
 
 def test_pack_without_onnx_lists_what_it_found(tmp_path: Path) -> None:
@@ -227,17 +248,20 @@ def test_det_thresh_filters_faces(scrfd_onnx: Path, astronaut: np.ndarray,
 # ----------------------------------------------------------------------------- detection
 
 def test_detect_feeds_insightface_bgr(detector: FaceDetector, solvay: np.ndarray,
-                                      scrfd_onnx: Path) -> None:
+                                      astronaut: np.ndarray, scrfd_onnx: Path) -> None:
     from insightface.model_zoo import model_zoo
 
     official = model_zoo.get_model(str(scrfd_onnx), providers=["CPUExecutionProvider"])
-    boxes, keypoints = official.detect(np.ascontiguousarray(solvay[:, :, ::-1]), input_size=(640, 640))
-    faces = detector.detect(solvay)
-    assert len(faces) == len(boxes) == 29
-    np.testing.assert_array_equal(np.stack([f.bbox for f in faces]), boxes[:, :4])
-    np.testing.assert_array_equal(np.stack([f.kps for f in faces]), keypoints)
-    scores = [f.score for f in faces]
-    assert scores == sorted(scores, reverse=True)
+    # Solvay is black and white (channel order cannot matter), the astronaut is in colour
+    for image, count in ((solvay, 29), (astronaut, 1)):
+        boxes, keypoints = official.detect(np.ascontiguousarray(image[:, :, ::-1]), input_size=(640, 640))
+        faces = detector.detect(image)
+        assert len(faces) == len(boxes) == count
+        np.testing.assert_array_equal(np.stack([f.bbox for f in faces]), boxes[:, :4])
+        np.testing.assert_array_equal(np.stack([f.kps for f in faces]), keypoints)
+        np.testing.assert_array_equal([f.score for f in faces], boxes[:, 4])
+        scores = [f.score for f in faces]
+        assert scores == sorted(scores, reverse=True)
 
 
 def test_detected_face_is_read_only(detector: FaceDetector, astronaut: np.ndarray) -> None:
