@@ -7,9 +7,10 @@ border), BGR->RGB, then PIL resize to 224x224 (bicubic). Only the detector of th
 for that, so `FaceDetector` loads the detection model alone and never the recognition,
 landmark or gender/age models beside it.
 
-Note: the official code calls `prepare(det_size=(320, 320))`; `detect_and_align` starts at 640
-and retries smaller sizes (as IPAdapter FaceID does), which finds more small faces. For a single
-clear face the keypoints differ by a fraction of a pixel.
+Note: the official code detects at `det_size=(320, 320)`; `detect_and_align` detects at 640 and
+falls back to smaller sizes only when nothing is found (as IPAdapter FaceID does). Keypoints can
+differ slightly between detection sizes; models with a fixed input size (e.g. a 640x640 export)
+always run at that size.
 """
 from __future__ import annotations
 
