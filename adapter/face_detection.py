@@ -7,10 +7,10 @@ border), BGR->RGB, then PIL resize to 224x224 (bicubic). Only the detector of th
 for that, so `FaceDetector` loads the detection model alone and never the recognition,
 landmark or gender/age models beside it.
 
-Note: the official code detects at `det_size=(320, 320)`; `detect_and_align` detects at 640 and
-falls back to smaller sizes only when nothing is found (as IPAdapter FaceID does). Keypoints can
-differ slightly between detection sizes; models with a fixed input size (e.g. a 640x640 export)
-always run at that size.
+Detection sizes: the official code detects at `det_size=(320, 320)`, so `detect_and_align` tries
+320 first (keypoints, hence crops, differ slightly between sizes) and only when nothing is found
+sweeps 640 down to 160: larger sizes find small faces in group photos, smaller ones faces that
+fill the frame. Models with a fixed input size (e.g. a 640x640 export) run at that size only.
 """
 from __future__ import annotations
 
@@ -379,10 +379,13 @@ def select_face(faces: Sequence[DetectedFace], mode: str, index: int = 0) -> Det
     return left_to_right[index]
 
 
+DETECTION_SIZES = (320, 640, 512, 384, 256, 160)  # official first; see the module docstring
+
+
 def detect_and_align(detector: FaceDetector, image: np.ndarray, mode: str = "most confident",
-                     index: int = 0, det_sizes: Sequence[int] = (640, 512, 384, 320)
+                     index: int = 0, det_sizes: Sequence[int] = DETECTION_SIZES
                      ) -> AlignedFace | None:
-    """Detect (retrying smaller detection sizes), select one face and crop it the official way.
+    """Detect (official size first, then others), select one face and crop it the official way.
 
     Returns None when no face is found at any size; the caller decides between error and skip.
     Detection runs on a copy downscaled to MAX_DETECT_SIDE; the crop uses the full image.

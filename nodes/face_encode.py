@@ -97,6 +97,6 @@ class FaceEncode(io.ComfyNode):
             hidden = clip_penultimate(clip_vision, normalize_crops(crop_batch, clip_vision))
             face_tokens = resample(id_animator, hidden)  # (N,16,768)
             uncond = uncond_tokens(lambda px: clip_penultimate(clip_vision, px),
-                                   lambda h: resample(id_animator, h))
+                                   lambda h: resample(id_animator, h), device="cpu")
         embeds = single_identity(face_tokens, uncond.float().cpu())
         return io.NodeOutput(embeds, crop_batch, ui=ui.PreviewImage(crop_batch, cls=cls))

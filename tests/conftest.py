@@ -1,5 +1,5 @@
-"""Shared test set-up: where the bootstrapped ComfyUI and test assets live, and how the pack
-is imported as a package (`id_animator`) for unit tests that need no ComfyUI."""
+"""Shared test set-up: where the bootstrapped ComfyUI and test assets live, and how the pure
+core is imported (`id_animator.adapter`) by unit tests that need no ComfyUI."""
 from __future__ import annotations
 
 import os
@@ -30,14 +30,18 @@ CACHE = PATHS["cache"]
 
 
 def _make_importable() -> None:
-    """Expose the checkout as package `id_animator` (the clone's folder name is arbitrary)."""
+    """Expose `adapter/` as `id_animator.adapter` (a namespace package holding only the pure core:
+    the pack's own __init__ imports ComfyUI, which unit tests must not need)."""
     root = CACHE / "pkgpath"
-    root.mkdir(parents=True, exist_ok=True)
-    link = root / PACKAGE
-    if not (link.is_symlink() and link.resolve() == REPO):
-        tmp = root / f".{PACKAGE}.{os.getpid()}"
+    package = root / PACKAGE
+    if package.is_symlink():
+        package.unlink()
+    package.mkdir(parents=True, exist_ok=True)
+    link = package / "adapter"
+    if not (link.is_symlink() and link.resolve() == REPO / "adapter"):
+        tmp = package / f".adapter.{os.getpid()}"
         tmp.unlink(missing_ok=True)
-        tmp.symlink_to(REPO, target_is_directory=True)
+        tmp.symlink_to(REPO / "adapter", target_is_directory=True)
         os.replace(tmp, link)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
@@ -49,7 +53,7 @@ _make_importable()
 def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = Path(item.fspath).relative_to(REPO / "tests").parts
-        if parts and parts[0] in ("unit", "comfy", "browser"):
+        if parts and parts[0] in ("unit", "integration", "install", "browser"):
             item.add_marker(getattr(pytest.mark, parts[0]))
 
 

@@ -7,25 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from .harness import HttpComfy, InProcessComfy, make_base
-from . import models
+from support.harness import HttpComfy, InProcessComfy, make_base
+from support import models
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def model_files(cache_dir, comfyui_dir, scrfd_dir) -> dict[str, dict[str, Path]]:
-    """Every model folder of the test bed, keyed like ComfyUI's `models/` layout."""
-    import sys
-    if str(comfyui_dir) not in sys.path:
-        sys.path.insert(0, str(comfyui_dir))
-    return {
-        "diffusion_models": {"sd15_random_unet.safetensors": models.sd15_unet(cache_dir)},
-        "text_encoders": {"clip_l_random.safetensors": models.clip_l_text(cache_dir)},
-        "clip_vision": {"CLIP-ViT-H-14-random.safetensors": models.clip_vision_h(cache_dir)},
-        "id_animator": {"animator.ckpt": models.id_animator_checkpoint(cache_dir)},
-        "insightface": {"models/scrfd": models.scrfd_pack(cache_dir, scrfd_dir)},
-    }
+    return models.ensure_models(cache_dir, comfyui_dir, scrfd_dir)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .graphs import sampling_graph, saved_latent
+from support.graphs import sampling_graph, saved_latent
 
 OUR_NODES = {"LoadIDAnimator", "FaceEncode", "IDMix", "ApplyFaceAdapter"}
 

@@ -1,5 +1,8 @@
 """Full-size random-weight models for the test bed, generated once into the cache.
 
+Generation imports ComfyUI's model classes, which must see `--cpu` before anything else imports
+`comfy`: `ensure_models` therefore runs this module in a subprocess (`python -m support.models`).
+
 ComfyUI recognises SD1.5 and CLIP ViT-H/14 by their state-dict shapes, so tiny models will not
 do; the shapes here come from ComfyUI's own model classes (built on the meta device). Weights
 are N(0, 1/fan_in) with unit norm scales and zero biases, which keeps activations finite over a
@@ -79,12 +82,12 @@ def cached_file(cache: Path, name: str, make: Callable[[Path], None]) -> Path:
 
 
 def sd15_unet(cache: Path) -> Path:
-    return cached_file(cache, "sd15_random_unet.safetensors",
+    return cached_file(cache, "sd15_unet",
                        lambda p: save_file(random_like_shapes(sd15_unet_shapes(), seed=15), str(p)))
 
 
 def clip_vision_h(cache: Path) -> Path:
-    return cached_file(cache, "clip_vision_vit_h_random.safetensors",
+    return cached_file(cache, "clip_vision_h",
                        lambda p: save_file(random_like_shapes(clip_vision_shapes(), seed=14), str(p)))
 
 
@@ -92,7 +95,7 @@ def id_animator_checkpoint(cache: Path) -> Path:
     """A random adapter in the official `state_dict` container, as animator.ckpt ships."""
     from id_animator.adapter.checkpoint import official_state_dict, random_adapter_weights
 
-    return cached_file(cache, "animator_random.ckpt", lambda p: torch.save(
+    return cached_file(cache, "id_animator_checkpoint", lambda p: torch.save(
         official_state_dict(random_adapter_weights(seed=7), layout="state_dict"), str(p)))
 
 
@@ -120,5 +123,48 @@ def clip_l_text_shapes() -> dict[str, torch.Size]:
 
 def clip_l_text(cache: Path) -> Path:
     """SD1.5's text encoder (CLIP ViT-L/14 text tower) for CLIPLoader type stable_diffusion."""
-    return cached_file(cache, "clip_l_text_random.safetensors",
+    return cached_file(cache, "clip_l_text",
                        lambda p: save_file(random_like_shapes(clip_l_text_shapes(), seed=13), str(p)))
+
+
+GENERATORS = {
+    "diffusion_models": ("sd15_random_unet.safetensors", sd15_unet),
+    "text_encoders": ("clip_l_random.safetensors", clip_l_text),
+    "clip_vision": ("CLIP-ViT-H-14-random.safetensors", clip_vision_h),
+    "id_animator": ("animator.ckpt", id_animator_checkpoint),
+}
+
+
+def ensure_models(cache: Path, comfyui: Path, scrfd_root: Path) -> dict[str, dict[str, Path]]:
+    """Every model folder of the test bed, keyed like ComfyUI's `models/` layout."""
+    import subprocess
+    import sys
+
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # id_animator, support
+    subprocess.run([sys.executable, "-m", "support.models", str(cache), str(comfyui)], check=True,
+                   cwd=Path(__file__).resolve().parent.parent, env=env)
+    files = {folder: {name: cache / "generated" / f"v{GENERATOR_VERSION}" / make.__name__}
+             for folder, (name, make) in GENERATORS.items()}
+    files["insightface"] = {"models/scrfd": scrfd_pack(cache, scrfd_root)}
+    return files
+
+
+def _main(cache: str, comfyui: str) -> None:
+    import sys
+
+    sys.path.insert(0, comfyui)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    sys.argv = ["models", "--cpu"]
+    for name, make in GENERATORS.values():
+        made = make(Path(cache))
+        assert made.name == make.__name__, (made, make.__name__)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(*sys.argv[1:3])

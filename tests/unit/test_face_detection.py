@@ -464,13 +464,15 @@ class ScriptedDetector:
         return [self.face] if self.input_size(det_size)[0] == self.finds_at else []
 
 
-def test_retries_smaller_sizes_until_a_face_is_found(reference: AlignedFace,
-                                                     astronaut: np.ndarray) -> None:
+def test_official_size_first_then_retries_until_a_face_is_found(reference: AlignedFace,
+                                                                astronaut: np.ndarray) -> None:
+    official = ScriptedDetector(finds_at=320, face=reference.face)
+    assert detect_and_align(official, astronaut) is not None and official.asked == [320]
     scripted = ScriptedDetector(finds_at=384, face=reference.face)
     aligned = detect_and_align(scripted, astronaut)
-    assert scripted.asked == [640, 512, 384]
+    assert scripted.asked == [320, 640, 512, 384]
     assert aligned is not None
     np.testing.assert_array_equal(aligned.crop, reference.crop)
     # a fixed-size model runs once, however many sizes are listed
     fixed = ScriptedDetector(finds_at=0, face=reference.face, fixed=640)
-    assert detect_and_align(fixed, astronaut) is None and fixed.asked == [640]
+    assert detect_and_align(fixed, astronaut) is None and fixed.asked == [320]  # asks 320, runs at 640
