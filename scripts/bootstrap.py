@@ -108,7 +108,6 @@ def ensure_venv(comfyui: Path) -> Path:
     shutil.rmtree(venv, ignore_errors=True)
     run(sys.executable, "-m", "venv", str(venv))
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "install", "--quiet"]
-    # This machine's pip config points at local wheel folders that may not exist: quiet its warnings.
     run(*pip, *TORCH)
     run(*pip, "--no-deps", TORCHAUDIO)
     reqs = CACHE / "comfyui-requirements.txt"
@@ -128,9 +127,26 @@ def ensure_scrfd() -> Path:
     return root
 
 
+def ensure_chromium() -> Path | None:
+    """Debian's chromium drives the browser tests (test tools cannot download browsers here)."""
+    chromium = Path("/usr/bin/chromium")
+    if chromium.exists():
+        return chromium
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            log(" ".join(cmd))
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    if chromium.exists():
+        return chromium
+    log("chromium is not installed and cannot be installed here: browser tests will be skipped")
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--print", choices=["python", "comfyui", "scrfd", "cache"], action="append", default=[])
+    parser.add_argument("--print", choices=["python", "comfyui", "scrfd", "cache", "chromium"],
+                        action="append", default=[])
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".bootstrap.lock", "w") as lock:
@@ -138,7 +154,9 @@ def main() -> None:
         comfyui = fetch_sdist(*COMFY_SDIST)
         venv = ensure_venv(comfyui)
         scrfd = ensure_scrfd()
-    values = {"python": venv / "bin" / "python", "comfyui": comfyui, "scrfd": scrfd, "cache": CACHE}
+        chromium = ensure_chromium() if "chromium" in args.print else None
+    values = {"python": venv / "bin" / "python", "comfyui": comfyui, "scrfd": scrfd, "cache": CACHE,
+              "chromium": chromium or ""}
     for name in args.print:
         print(values[name])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from support.harness import HttpComfy, InProcessComfy, make_base
-from support import models
+from support import models, photos
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,8 +19,10 @@ def model_files(cache_dir, comfyui_dir, scrfd_dir) -> dict[str, dict[str, Path]]
 
 
 @pytest.fixture(scope="session")
-def comfy_base(tmp_path_factory, model_files) -> Path:
-    return make_base(tmp_path_factory.mktemp("comfy-base"), REPO, model_files)
+def comfy_base(tmp_path_factory, model_files, scrfd_dir) -> Path:
+    base = make_base(tmp_path_factory.mktemp("comfy-base"), REPO, model_files)
+    photos.write_inputs(base / "input", scrfd_dir)
+    return base
 
 
 @pytest.fixture(scope="session")

@@ -36,3 +36,33 @@ def saved_latent(output_dir: Path, ui_output: dict) -> torch.Tensor:
     item = ui_output["latents"][0]
     path = output_dir / item.get("subfolder", "") / item["filename"]
     return load_file(str(path))["latent_tensor"]
+
+
+def id_nodes(photo: str = "astronaut.png", prefix: str = "") -> dict[str, Any]:
+    """LoadIDAnimator + LoadImage + FaceEncode, node ids prefixed so several can coexist."""
+    return {
+        f"{prefix}ida": {"class_type": "LoadIDAnimator", "inputs": {
+            "adapter_name": ADAPTER, "clip_vision_name": CLIP_VISION, "face_detector": DETECTOR, "provider": "CPU"}},
+        f"{prefix}photo": {"class_type": "LoadImage", "inputs": {"image": photo}},
+        f"{prefix}encode": {"class_type": "FaceEncode", "inputs": {
+            "id_animator": [f"{prefix}ida", 0], "image": [f"{prefix}photo", 0], "face_select": "most confident",
+            "face_index": 0, "on_no_face": "error"}},
+    }
+
+
+def apply_node(model: list, embeds: list, ida: list, weight: float = 0.8, start_at: float = 0.0,
+               end_at: float = 1.0, lora_strength: float = 1.0, mask: list | None = None) -> dict[str, Any]:
+    inputs = {"model": model, "id_animator": ida, "face_embeds": embeds, "weight": weight,
+              "start_at": start_at, "end_at": end_at, "lora_strength": lora_strength}
+    if mask is not None:
+        inputs["attn_mask"] = mask
+    return {"class_type": "ApplyFaceAdapter", "inputs": inputs}
+
+
+def face_video_graph(frames: int = 4, weight: float = 0.8, lora_strength: float = 1.0, start_at: float = 0.0,
+                     end_at: float = 1.0, seed: int = 0, prefix: str = "face") -> dict[str, Any]:
+    """The smallest identity graph: sampling_graph with ApplyFaceAdapter between UNet and KSampler."""
+    graph = sampling_graph(frames=frames, seed=seed, model=["apply", 0], prefix=prefix)
+    graph.update(id_nodes())
+    graph["apply"] = apply_node(["unet", 0], ["encode", 0], ["ida", 0], weight, start_at, end_at, lora_strength)
+    return graph

@@ -127,7 +127,30 @@ def clip_l_text(cache: Path) -> Path:
                        lambda p: save_file(random_like_shapes(clip_l_text_shapes(), seed=13), str(p)))
 
 
+def sd15_vae_shapes() -> dict[str, torch.Size]:
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    return {k: v.shape for k, v in vae.state_dict().items()}
+
+
+def sd15_checkpoint(cache: Path) -> Path:
+    """A single-file SD1.5 checkpoint (UNet + VAE + CLIP-L text), as community checkpoints ship."""
+    def make(path: Path) -> None:
+        state = {f"model.diffusion_model.{k}": v for k, v in random_like_shapes(sd15_unet_shapes(), seed=15).items()}
+        state.update({f"first_stage_model.{k}": v for k, v in random_like_shapes(sd15_vae_shapes(), seed=16).items()})
+        state.update({f"cond_stage_model.transformer.{k}": v
+                      for k, v in random_like_shapes(clip_l_text_shapes(), seed=13).items()})
+        save_file(state, str(path))
+
+    return cached_file(cache, "sd15_checkpoint", make)
+
+
 GENERATORS = {
+    "checkpoints": ("sd15_random_full.safetensors", sd15_checkpoint),
     "diffusion_models": ("sd15_random_unet.safetensors", sd15_unet),
     "text_encoders": ("clip_l_random.safetensors", clip_l_text),
     "clip_vision": ("CLIP-ViT-H-14-random.safetensors", clip_vision_h),
