@@ -435,6 +435,26 @@ def _listed(items: list[str], cap: int = 6) -> str:
     return shown + (f"; ... and {len(items) - cap} more" if len(items) > cap else "")
 
 
+def _missing_groups(missing: list[str]) -> list[str]:
+    """Missing names, whole groups folded: 'all 51 image_proj tensors', 'face_adapter.21.* (10 tensors)'."""
+    gone = set(missing)
+    items: list[str] = []
+    resampler = [f"image_proj.{k}" for k in RESAMPLER_SHAPES]
+    items += [f"all {len(resampler)} image_proj tensors"] if gone.issuperset(resampler) else \
+        [k for k in resampler if k in gone]
+    layers = {i: [f"face_adapter.{i}.{k}" for k in layer] for i, layer in ADAPTER_SHAPES.items()}
+    if gone.issuperset(k for keys in layers.values() for k in keys):
+        return items + [f"all {sum(map(len, layers.values()))} face_adapter tensors"]
+    for index, keys in layers.items():
+        items += [f"face_adapter.{index}.* ({len(keys)} tensors)"] if gone.issuperset(keys) else \
+            [k for k in keys if k in gone]
+    return items
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _describe_failure(state: Mapping[Any, Any], source: str, container: str, found: int,
                       problems: _Problems) -> str:
     """The CheckpointError message: what the file is, what is wrong, what file is expected."""
@@ -443,15 +463,19 @@ def _describe_failure(state: Mapping[Any, Any], source: str, container: str, fou
     if kind:
         parts.append(kind)
     details = []
-    if problems.missing:
+    if len(problems.missing) == len(EXPECTED_SHAPES):
+        details.append(f"none of the {len(EXPECTED_SHAPES)} adapter tensors (image_proj.* and "
+                       "face_adapter.<1..31>.*, or image_proj_model.* and adapter_modules.*)")
+    elif problems.missing:
         details.append(f"missing {len(problems.missing)} of {len(EXPECTED_SHAPES)} tensors "
-                       f"({_listed(problems.missing)})")
+                       f"({_listed(_missing_groups(problems.missing))})")
     if problems.unexpected:
-        details.append(f"{len(problems.unexpected)} unexpected keys ({_listed(problems.unexpected)})")
+        details.append(f"{_count(len(problems.unexpected), 'unexpected key')} ({_listed(problems.unexpected)})")
     if problems.mis_shaped:
-        details.append(f"{len(problems.mis_shaped)} with the wrong shape ({_listed(problems.mis_shaped)})")
+        details.append(f"{_count(len(problems.mis_shaped), 'tensor')} with the wrong shape "
+                       f"({_listed(problems.mis_shaped)})")
     if problems.bad_values:
-        details.append(f"{len(problems.bad_values)} with bad values ({_listed(problems.bad_values)})")
+        details.append(f"{_count(len(problems.bad_values), 'bad value')} ({_listed(problems.bad_values)})")
     parts.append("Found: " + "; ".join(details) + ".")
     parts.append(EXPECTED_FILE)
     return " ".join(parts)

@@ -187,7 +187,7 @@ def test_ip_adapter_plus_sd15_is_named():
              "ip_adapter": _ip_adapter_layers(SD15_WIDTHS, 768, faceid=False)}
     message = parse_error(state)
     assert "IP-Adapter Plus file for SD1.5" in message and "models/ipadapter/" in message
-    assert "missing 160 of 211" in message
+    assert "missing 160 of 211 tensors (all 160 face_adapter tensors)" in message
 
 
 def test_ip_adapter_faceid_is_named():
@@ -226,7 +226,7 @@ def test_motion_module_is_named_and_lists_are_capped():
     message = parse_error(state)
     assert "AnimateDiff motion module" in message and "models/animatediff_models/" in message
     assert f"{len(state)} unexpected keys" in message and f"and {len(state) - 6} more" in message
-    assert "missing 211 of 211" in message and len(message) < 2500
+    assert "none of the 211 adapter tensors" in message and len(message) < 2500
 
 
 def test_sd_checkpoint_is_named():
@@ -253,6 +253,7 @@ def test_partial_state_is_called_truncated(layout):
         del inner[key]
     message = parse_error(state)
     assert "truncated or partial" in message and "missing 40 of 211" in message
+    assert "face_adapter.31.* (10 tensors)" in message
 
 
 def test_mis_shaped_wrong_dtype_non_tensor_and_nan_are_each_listed():
@@ -276,7 +277,7 @@ def test_even_index_and_duplicate_keys_are_unexpected():
     state["adapter_modules.2.to_k_face.weight"] = _zeros(320, 768)
     state["module.image_proj_model.latents"] = state["image_proj_model.latents"]
     message = parse_error(state)
-    assert "2 unexpected keys" in message and "adapter_modules.2.to_k_face.weight" in message
+    assert "2 unexpected keys" in message and "missing" not in message and "adapter_modules.2.to_k_face.weight" in message
     assert "a second copy of image_proj.latents" in message
 
 
