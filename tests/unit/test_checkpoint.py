@@ -37,7 +37,7 @@ RESAMPLER_PARAMS, ADAPTER_PARAMS = 29_918_208, 31_899_648  # official §3.2, §3
 EXPECTED_HINT = ("animator.ckpt", "models/id_animator/")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_weights(dtype: torch.dtype = torch.float16) -> AdapterWeights:
     """One random adapter per dtype for the whole module (generating 62 M values takes a second)."""
     return random_adapter_weights(seed=0, dtype=dtype)
@@ -106,7 +106,7 @@ def test_random_weights_are_seeded_and_typed():
     a = random_adapter_weights(seed=0, dtype=torch.bfloat16)
     assert a.tensor_count == 211 and a.parameter_count == RESAMPLER_PARAMS + ADAPTER_PARAMS
     assert {t.dtype for t in a.tensors()} == {torch.bfloat16}
-    assert all(torch.equal(x, y.to(torch.bfloat16)) for x, y in zip(a.tensors(), reference.tensors()))
+    assert all(torch.equal(x, y.to(torch.bfloat16)) for x, y in zip(a.tensors(), reference.tensors(), strict=True))
     other = random_adapter_weights(seed=1)
     assert not torch.equal(other.resampler["latents"], reference.resampler["latents"])
     assert 0.015 < reference.layers[1]["to_k_face.weight"].std() < 0.025
@@ -172,10 +172,12 @@ def _zeros(*shape: int) -> torch.Tensor:
 def _ip_adapter_layers(width_of: dict[int, int], context: int, faceid: bool) -> dict[str, torch.Tensor]:
     layers: dict[str, torch.Tensor] = {}
     for index, width in width_of.items():
-        layers |= {f"{index}.to_k_ip.weight": _zeros(width, context), f"{index}.to_v_ip.weight": _zeros(width, context)}
+        layers[f"{index}.to_k_ip.weight"] = _zeros(width, context)
+        layers[f"{index}.to_v_ip.weight"] = _zeros(width, context)
         if faceid:  # FaceID puts rank-128 LoRAs on attn1 (even) and attn2 (odd) layers
             for i in (index - 1, index):
-                layers |= {f"{i}.to_q_lora.down.weight": _zeros(128, width), f"{i}.to_q_lora.up.weight": _zeros(width, 128)}
+                layers[f"{i}.to_q_lora.down.weight"] = _zeros(128, width)
+                layers[f"{i}.to_q_lora.up.weight"] = _zeros(width, 128)
     return layers
 
 
@@ -207,7 +209,8 @@ def test_ip_adapter_plus_sdxl_flat_safetensors_is_named():
 
 
 def test_sdxl_face_adapter_is_named():
-    adapter = {f"adapter_modules.{i}.to_k_face.weight": _zeros(w, 2048) for i, w in {1: 640, 69: 1280, 139: 1280}.items()}
+    widths = {1: 640, 69: 1280, 139: 1280}  # SDXL: 70 odd indices, 2048-wide text context
+    adapter = {f"adapter_modules.{i}.to_k_face.weight": _zeros(w, 2048) for i, w in widths.items()}
     message = parse_error({"state_dict": adapter})
     assert "SDXL" in message and "SD1.5" in message
 
@@ -277,7 +280,8 @@ def test_even_index_and_duplicate_keys_are_unexpected():
     state["adapter_modules.2.to_k_face.weight"] = _zeros(320, 768)
     state["module.image_proj_model.latents"] = state["image_proj_model.latents"]
     message = parse_error(state)
-    assert "2 unexpected keys" in message and "missing" not in message and "adapter_modules.2.to_k_face.weight" in message
+    assert "2 unexpected keys" in message and "missing" not in message
+    assert "adapter_modules.2.to_k_face.weight" in message
     assert "a second copy of image_proj.latents" in message
 
 
@@ -472,7 +476,8 @@ ODD_KEYS = st.one_of(
 Mutation = tuple[str, int, Any]
 MUTATIONS = st.one_of(
     st.tuples(st.just("drop"), st.integers(0, 300), st.none()),
-    st.tuples(st.just("add"), st.integers(0, 300), st.tuples(ODD_KEYS, st.one_of(NON_TENSORS, st.just(torch.zeros(2))))),
+    st.tuples(st.just("add"), st.integers(0, 300),
+              st.tuples(ODD_KEYS, st.one_of(NON_TENSORS, st.just(torch.zeros(2))))),
     st.tuples(st.just("reshape"), st.integers(0, 300), st.lists(st.integers(0, 5), max_size=4)),
     st.tuples(st.just("dtype"), st.integers(0, 300), st.sampled_from(FLOAT_DTYPES + OTHER_DTYPES)),
     st.tuples(st.just("value"), st.integers(0, 300), NON_TENSORS),
