@@ -79,11 +79,25 @@ class LoadIDAnimator(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, adapter_name: str, clip_vision_name: str, face_detector: str) -> bool | str:
+        """Say which file is missing and where it goes, before anything runs."""
+        problems = []
+        if folder_paths.get_full_path(folders.ADAPTER_FOLDER, adapter_name) is None:
+            problems.append(f"adapter '{adapter_name}' is not in "
+                            f"{' or '.join(folder_paths.get_folder_paths(folders.ADAPTER_FOLDER))}. {DOWNLOAD_HINT}")
+        if folder_paths.get_full_path("clip_vision", clip_vision_name) is None:
+            problems.append(f"clip_vision '{clip_vision_name}' is not in "
+                            f"{' or '.join(folder_paths.get_folder_paths('clip_vision'))}: put the CLIP ViT-H/14 "
+                            "image encoder (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) there.")
+        if face_detector not in folders.detector_packs():
+            problems.append(f"face_detector '{face_detector}' is not a folder in "
+                            f"{' or '.join(folders.insightface_roots())}: unzip an insightface pack "
+                            "(e.g. buffalo_l) there so its .onnx files are directly inside.")
+        return "; ".join(problems) if problems else True
+
+    @classmethod
     def execute(cls, adapter_name: str, clip_vision_name: str, face_detector: str, provider: str) -> io.NodeOutput:
-        path = folder_paths.get_full_path(folders.ADAPTER_FOLDER, adapter_name)
-        if path is None:
-            raise FileNotFoundError(f"'{adapter_name}' is not in models/id_animator/. {DOWNLOAD_HINT}")
-        weights = load_adapter_checkpoint(path)
+        weights = load_adapter_checkpoint(folder_paths.get_full_path_or_raise(folders.ADAPTER_FOLDER, adapter_name))
         resampler = Resampler()
         resampler.load_state_dict(weights.resampler)
         resampler.eval()

@@ -39,7 +39,8 @@ def saved_latent(output_dir: Path, ui_output: dict) -> torch.Tensor:
 
 
 def id_nodes(photo: str = "astronaut.png", prefix: str = "") -> dict[str, Any]:
-    """LoadIDAnimator + LoadImage + FaceEncode, node ids prefixed so several can coexist."""
+    """LoadIDAnimator + LoadImage + FaceEncode (+ a preview of its crops, so the graph has an
+    output), node ids prefixed so several can coexist."""
     return {
         f"{prefix}ida": {"class_type": "LoadIDAnimator", "inputs": {
             "adapter_name": ADAPTER, "clip_vision_name": CLIP_VISION, "face_detector": DETECTOR, "provider": "CPU"}},
@@ -47,6 +48,7 @@ def id_nodes(photo: str = "astronaut.png", prefix: str = "") -> dict[str, Any]:
         f"{prefix}encode": {"class_type": "FaceEncode", "inputs": {
             "id_animator": [f"{prefix}ida", 0], "image": [f"{prefix}photo", 0], "face_select": "most confident",
             "face_index": 0, "on_no_face": "error"}},
+        f"{prefix}crops": {"class_type": "PreviewImage", "inputs": {"images": [f"{prefix}encode", 1]}},
     }
 
 

@@ -36,7 +36,7 @@ def random_like_shapes(shapes: dict[str, torch.Size], seed: int, dtype=torch.flo
     return out
 
 
-def sd15_unet_shapes() -> dict[str, torch.Size]:
+def sd15_unet_shapes(**overrides) -> dict[str, torch.Size]:
     import comfy.supported_models
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -49,6 +49,7 @@ def sd15_unet_shapes() -> dict[str, torch.Size]:
                   use_temporal_resblock=False, image_size=32,
                   use_spatial_transformer=True, legacy=False)
     config.pop("use_checkpoint", None)
+    config.update(overrides)
     with torch.device("meta"):
         unet = UNetModel(**config, device="meta")
     return {k: v.shape for k, v in unet.state_dict().items()}
@@ -127,6 +128,18 @@ def clip_l_text(cache: Path) -> Path:
                        lambda p: save_file(random_like_shapes(clip_l_text_shapes(), seed=13), str(p)))
 
 
+def sd2_unet(cache: Path) -> Path:
+    """An SD2.x UNet (context width 1024): a real model ApplyFaceAdapter must refuse."""
+    shapes = sd15_unet_shapes(context_dim=1024, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True)
+    return cached_file(cache, "sd2_unet", lambda p: save_file(random_like_shapes(shapes, seed=21), str(p)))
+
+
+def clip_vision_l(cache: Path) -> Path:
+    """CLIP ViT-L/14 vision: the wrong encoder for ID-Animator (users confuse it with ViT-H)."""
+    return cached_file(cache, "clip_vision_l", lambda p: save_file(
+        random_like_shapes(clip_vision_shapes("clip_vision_config_vitl.json"), seed=12), str(p)))
+
+
 def sd15_vae_shapes() -> dict[str, torch.Size]:
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
@@ -149,12 +162,14 @@ def sd15_checkpoint(cache: Path) -> Path:
     return cached_file(cache, "sd15_checkpoint", make)
 
 
-GENERATORS = {
-    "checkpoints": ("sd15_random_full.safetensors", sd15_checkpoint),
-    "diffusion_models": ("sd15_random_unet.safetensors", sd15_unet),
-    "text_encoders": ("clip_l_random.safetensors", clip_l_text),
-    "clip_vision": ("CLIP-ViT-H-14-random.safetensors", clip_vision_h),
-    "id_animator": ("animator.ckpt", id_animator_checkpoint),
+GENERATORS = {  # models/<folder>/<file name>: generator (several files may share a folder)
+    ("checkpoints", "sd15_random_full.safetensors"): sd15_checkpoint,
+    ("diffusion_models", "sd15_random_unet.safetensors"): sd15_unet,
+    ("diffusion_models", "sd2_random_unet.safetensors"): sd2_unet,
+    ("text_encoders", "clip_l_random.safetensors"): clip_l_text,
+    ("clip_vision", "CLIP-ViT-H-14-random.safetensors"): clip_vision_h,
+    ("clip_vision", "CLIP-ViT-L-14-random.safetensors"): clip_vision_l,
+    ("id_animator", "animator.ckpt"): id_animator_checkpoint,
 }
 
 
@@ -168,8 +183,9 @@ def ensure_models(cache: Path, comfyui: Path, scrfd_root: Path) -> dict[str, dic
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # id_animator, support
     subprocess.run([sys.executable, "-m", "support.models", str(cache), str(comfyui)], check=True,
                    cwd=Path(__file__).resolve().parent.parent, env=env)
-    files = {folder: {name: cache / "generated" / f"v{GENERATOR_VERSION}" / make.__name__}
-             for folder, (name, make) in GENERATORS.items()}
+    files: dict[str, dict[str, Path]] = {}
+    for (folder, name), make in GENERATORS.items():
+        files.setdefault(folder, {})[name] = cache / "generated" / f"v{GENERATOR_VERSION}" / make.__name__
     files["insightface"] = {"models/scrfd": scrfd_pack(cache, scrfd_root)}
     return files
 
@@ -182,7 +198,7 @@ def _main(cache: str, comfyui: str) -> None:
 
     comfy.options.enable_args_parsing()
     sys.argv = ["models", "--cpu"]
-    for name, make in GENERATORS.values():
+    for make in GENERATORS.values():
         made = make(Path(cache))
         assert made.name == make.__name__, (made, make.__name__)
 
