@@ -20,6 +20,6 @@ class IDAnimatorExtension(ComfyExtension):
         return NODES
 
 
-async def comfy_entrypoint() -> IDAnimatorExtension:
+def extension() -> IDAnimatorExtension:
     folders.register()  # before any schema lists files (on_load runs later on some versions)
     return IDAnimatorExtension()
