@@ -1,0 +1,100 @@
+"""The shipped workflows and their test bed.
+
+`add_workflow_files` gives a ComfyUI base folder every model and input file the workflows name,
+as links to the generated random models and public-domain photos, so that the workflows load
+without missing-file marks and `id_image` runs as shipped (only its size and steps are lowered).
+Motion modules and ControlNets are empty stand-ins: their nodes are not installed in tests.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from support import photos
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import make_workflows  # noqa: E402
+import ui_format  # noqa: E402
+import workflow_spec  # noqa: E402
+
+PACK_FOLDER = "id_animator"  # custom_nodes/<this> in the test bed (support.harness.make_base)
+STAND_INS = {  # models folder -> (test-bed folder, file) of the generated model that stands in
+    "checkpoints": ("checkpoints", "sd15_random_full.safetensors"),
+    "clip_vision": ("clip_vision", "CLIP-ViT-H-14-random.safetensors"),
+    "id_animator": ("id_animator", "animator.ckpt"),
+    "insightface/models": ("insightface", "models/scrfd"),
+}
+INPUT_STAND_INS = {"person_a.png": photos.ASTRONAUT, "person_b.png": photos.NEWTON, "keyframe.png": photos.NO_FACE}
+CI_SIZE, CI_STEPS = 64, 2  # id_image in CI: the shipped graph at a size a CPU renders in seconds
+
+
+def add_workflow_files(base: Path, model_files: dict[str, dict[str, Path]]) -> None:
+    for model in workflow_spec.MODELS.values():
+        dest = base / "models" / model.folder / model.name
+        if dest.exists() or dest.is_symlink():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if model.folder in STAND_INS:
+            folder, name = STAND_INS[model.folder]
+            target = model_files[folder][name]
+            dest.symlink_to(target, target_is_directory=target.is_dir())
+        else:
+            dest.touch()
+    for name in workflow_spec.INPUTS:
+        dest = base / "input" / name
+        if dest.exists() or dest.is_symlink():
+            continue
+        if name in INPUT_STAND_INS:
+            dest.symlink_to(base / "input" / INPUT_STAND_INS[name])
+        else:
+            make_workflows.write_placeholder_video(dest)
+
+
+def workflow_names() -> list[str]:
+    return [make.__name__ for make in workflow_spec.WORKFLOWS]
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((make_workflows.WORKFLOW_DIR / f"{name}.json").read_text())
+
+
+def spec(name: str) -> workflow_spec.Workflow:
+    return next(wf for wf in workflow_spec.all_workflows() if wf.name == name)
+
+
+def expected_widgets(name: str) -> dict[int, dict[str, Any]]:
+    """UI node id -> {widget name: value} for every widget value the spec sets (links excluded).
+    Node ids follow spec order (ui_format.to_ui)."""
+    out = {}
+    for node_id, node in enumerate(spec(name).nodes.values(), start=1):
+        out[node_id] = {k: v for k, v in node.inputs.items() if not isinstance(v, workflow_spec.Out)}
+    return out
+
+
+def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
+    """The API prompt the frontend would queue for a graph of installed nodes: widget values by
+    name (control and upload values dropped), links as [origin id, origin slot]."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in ui_format.FRONTEND_ONLY:
+            continue
+        definition = object_info[node["type"]]
+        values = iter(node.get("widgets_values") or [])
+        inputs: dict[str, Any] = {}
+        for slot in (s for s in ui_format.slots(definition) if s.is_widget):
+            inputs[slot.name] = next(values)
+            if slot.options.get("control_after_generate"):
+                next(values)
+            if any(slot.options.get(flag) for flag in ui_format.MEDIA_UPLOAD):
+                next(values)
+        for entry in node["inputs"]:
+            if entry.get("link") is not None:
+                link = links[entry["link"]]
+                inputs[entry["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
