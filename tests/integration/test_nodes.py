@@ -131,8 +131,12 @@ def test_community_checkpoint_through_checkpoint_loader_simple(comfy, comfy_base
     assert len(images) == 2 and all((comfy_base / "output" / i["filename"]).exists() for i in images)
 
 
-def test_face_encode_preview_and_crops(comfy):
-    result = comfy.run(id_nodes(prefix="pv_"))
+def test_face_encode_preview_and_crops(comfy, comfy_base):
+    # A photo no other test uses: a cached FaceEncode would not resend its preview.
+    import shutil
+
+    shutil.copy(comfy_base / "input" / "astronaut.png", comfy_base / "input" / "astronaut_preview.png")
+    result = comfy.run(id_nodes("astronaut_preview.png", prefix="pv_"))
     assert result.success, result.error_message
     assert result.outputs["pv_encode"]["images"], "FaceEncode shows its aligned crops in the node"
     assert result.outputs["pv_crops"]["images"]
@@ -206,3 +210,21 @@ def test_error_wrong_adapter_file(comfy, comfy_base):
     graph["ida"]["inputs"]["adapter_name"] = path.name
     message = error_of(comfy, graph)
     assert "IP-Adapter" in message and "animator.ckpt" in message
+
+
+def test_extra_model_paths_yaml_remaps_the_adapter_folder(comfy, comfy_base, model_files, tmp_path):
+    """Users keep models elsewhere: ComfyUI's own extra_model_paths loader adds our folder key."""
+    import utils.extra_config
+
+    elsewhere = tmp_path / "shared_models" / "faces"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "animator_remapped.ckpt").symlink_to(model_files["id_animator"]["animator.ckpt"])
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(f"shared:\n    base_path: {tmp_path / 'shared_models'}\n    id_animator: faces\n")
+    utils.extra_config.load_extra_path_config(str(config))
+    comfy.folder_paths.filename_list_cache.clear()
+    assert "animator_remapped.ckpt" in comfy.folder_paths.get_filename_list("id_animator")
+    graph = id_nodes(prefix="remap_")
+    graph["remap_ida"]["inputs"]["adapter_name"] = "animator_remapped.ckpt"
+    result = comfy.run(graph)
+    assert result.success, result.error_message
