@@ -27,7 +27,7 @@ READY = """() => !!(window.app && window.app.graph && window.app.canvas && windo
 # What the graph editor holds after a load: per node its type, whether the frontend knows it,
 # and every widget (name, type, value, options) as the user sees it.
 GRAPH_STATE = """() => app.graph.nodes.map(n => ({
-    id: n.id, type: n.type, title: n.title,
+    id: Number(n.id), type: n.type, title: n.title,
     registered: !!LiteGraph.registered_node_types[n.type],
     widgets: (n.widgets || []).map(w => ({name: w.name, type: w.type, value: w.value,
                                           options: w.options ? {min: w.options.min, max: w.options.max} : null})),
@@ -80,6 +80,31 @@ def load_workflow(page: Any, workflow: dict[str, Any]) -> list[str]:
     texts = close_dialogs(page)
     fit_view(page)
     return texts
+
+
+def error_report(page: Any, timeout_ms: int = 1500) -> str:
+    """The frontend's own error report for the open workflow (missing node packs, models, inputs),
+    read from its errors tab; '' when it shows no error overlay."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    close_side_panel(page)
+    try:
+        page.locator("[data-testid=error-overlay]").wait_for(state="visible", timeout=timeout_ms)
+    except PlaywrightTimeout:
+        return ""
+    page.locator("[data-testid=error-overlay-see-errors]").click()
+    panel = page.locator("[data-testid=properties-panel]")
+    panel.wait_for(state="visible")
+    page.wait_for_timeout(300)
+    text = panel.inner_text()
+    close_side_panel(page)
+    return text
+
+
+def close_side_panel(page: Any) -> None:
+    if page.locator("[data-testid=properties-panel]").is_visible():
+        page.get_by_label("Toggle properties panel").first.click()
+        page.wait_for_timeout(200)
 
 
 def graph_state(page: Any) -> list[dict[str, Any]]:

@@ -1,0 +1,67 @@
+"""A ComfyUI with this pack and the workflows' test bed, and one headless Chromium page on it.
+
+Chromium comes from $IDA_CHROMIUM (set by scripts/test; Debian's /usr/bin/chromium); without it
+every browser test is skipped before any server starts."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from support import models, photos, workflow_bed
+from support.harness import HttpComfy, make_base
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "artifacts" / "browser"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = os.environ.get("IDA_CHROMIUM", "")
+    if not path or not os.access(path, os.X_OK):
+        pytest.skip("no Chromium: IDA_CHROMIUM is empty or not executable (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("Python playwright is not installed in this environment")
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser_base(chromium, tmp_path_factory, cache_dir, comfyui_dir, scrfd_dir) -> Path:
+    model_files = models.ensure_models(cache_dir, comfyui_dir, scrfd_dir)
+    base = make_base(tmp_path_factory.mktemp("browser-base"), REPO, model_files)
+    photos.write_inputs(base / "input", scrfd_dir)
+    workflow_bed.add_workflow_files(base, model_files)
+    return base
+
+
+@pytest.fixture(scope="session")
+def browser_server(comfyui_dir, browser_base, request):
+    server = HttpComfy(comfyui_dir, browser_base)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        if request.session.testsfailed:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shutil.copy(server.log_path, ARTIFACTS / "comfyui.log")
+
+
+@pytest.fixture(scope="session")
+def page(browser_server, chromium):
+    from workflow_browser import open_comfyui
+
+    messages: list[str] = []
+    with open_comfyui(browser_server.url, chromium, messages) as page:
+        page.messages = messages  # console errors and page errors, appended as they happen
+        yield page
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
