@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import onnx
 import onnxruntime
+import torch
 from PIL import Image
 
 from .errors import IDAnimatorError
@@ -96,15 +97,16 @@ def resolve_providers(choice: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- images
 
-def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+def to_rgb_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """Any still image (grey, grey+alpha, RGB, RGBA; uint8, uint16 or float in [0, 1]) -> HxWx3 uint8.
 
+    Takes a numpy array or one photo of a ComfyUI IMAGE batch (a tensor of any float dtype).
     Alpha is dropped, not composited: the official code reads photos with cv2.imread, which
     ignores alpha, and ComfyUI's LoadImage already splits alpha off into a MASK.
     Floats are ComfyUI IMAGE values in [0, 1], rounded (not truncated) so uint8 -> float -> uint8
     is lossless; uint16 (16-bit PNG) is rounded to the nearest 8-bit value.
     """
-    image = np.asarray(image)
+    image = _as_array(image)
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
@@ -119,6 +121,23 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if colour.shape[2] == 1:
         colour = np.repeat(colour, 3, axis=2)
     return np.ascontiguousarray(colour)
+
+
+def _as_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy view (copy only where needed) of an array or tensor, in native byte order."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32, torch.float64):
+            image = image.float()  # numpy has no bfloat16 / float8: one photo, so the copy is small
+        try:
+            image = image.numpy()
+        except TypeError as error:  # e.g. quantized tensors
+            raise IDAnimatorError(f"Unsupported image tensor dtype {image.dtype}; expected a float "
+                                  "IMAGE in [0, 1] (or uint8).") from error
+    image = np.asarray(image)
+    if not image.dtype.isnative:  # e.g. big-endian 16-bit samples as some readers return them
+        image = image.astype(image.dtype.newbyteorder("="))
+    return image
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -333,7 +352,7 @@ class FaceDetector:
 
 # ----------------------------------------------------------------------------- alignment
 
-def align_face(image_rgb: np.ndarray, kps: np.ndarray) -> np.ndarray:
+def align_face(image_rgb: np.ndarray | torch.Tensor, kps: np.ndarray) -> np.ndarray:
     """Official §4.1 crop: norm_crop to the 112 ArcFace template, then PIL bicubic to 224x224 RGB.
 
     warpAffine treats channels independently, so cropping the RGB image equals the official
@@ -382,7 +401,7 @@ def select_face(faces: Sequence[DetectedFace], mode: str, index: int = 0) -> Det
 DETECTION_SIZES = (320, 640, 512, 384, 256, 160)  # official first; see the module docstring
 
 
-def detect_and_align(detector: FaceDetector, image: np.ndarray, mode: str = "most confident",
+def detect_and_align(detector: FaceDetector, image: np.ndarray | torch.Tensor, mode: str = "most confident",
                      index: int = 0, det_sizes: Sequence[int] = DETECTION_SIZES
                      ) -> AlignedFace | None:
     """Detect (official size first, then others), select one face and crop it the official way.

@@ -79,7 +79,7 @@ class FaceEncode(io.ComfyNode):
         progress = comfy.utils.ProgressBar(image.shape[0])
         crops, missing = [], []
         for i, photo in enumerate(image):
-            aligned = detect_and_align(id_animator.detector, photo.cpu().numpy(), face_select, face_index)
+            aligned = detect_and_align(id_animator.detector, photo, face_select, face_index)
             if aligned is None:
                 missing.append(i)
             else:
