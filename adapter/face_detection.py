@@ -19,7 +19,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 ALIGN_SIZE = 112  # official: norm_crop(..., 112), the ArcFace template size
 CROP_SIZE = 224  # official: PIL resize of the 112 crop to CLIP's input size
 MAX_DETECT_SIDE = 2048  # larger images are downscaled for detection only (memory, speed)
+CONVERT_ROWS = 256  # rows per slice when converting to uint8 (bounds the temporary's size)
 MIN_DETECT_SIDE = 8  # below this many pixels (after letterboxing) no face can be found
 PACK_FOLDER_HINT = "ComfyUI/models/insightface/models/<pack>/ (e.g. buffalo_l with det_10g.onnx)"
 
@@ -146,7 +147,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
         return image
     if image.dtype == np.uint16:
         # round(x * 255 / 65535) in integers
-        return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return _by_rows(image, lambda rows: (rows.astype(np.uint32) * 255 + 32767) // 65535)
     if np.issubdtype(image.dtype, np.floating):
         low, high = float(image.min()), float(image.max())  # NaN/inf propagate to min/max
         if not (np.isfinite(low) and np.isfinite(high)):
@@ -157,12 +158,25 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
             raise IDAnimatorError(
                 f"Float image values span [{low:.3g}, {high:.3g}]; expected ComfyUI's [0, 1] range. "
                 "Scale it to [0, 1] first (a [0, 255] float image is not accepted).")
-        scaled = np.multiply(image, 255.0, dtype=np.float32)  # one float32 temporary
-        np.rint(scaled, out=scaled)
-        np.clip(scaled, 0.0, 255.0, out=scaled)
-        return scaled.astype(np.uint8)
+        return _by_rows(image, _float_rows_to_levels)
     raise IDAnimatorError(
         f"Unsupported image dtype {image.dtype}; expected uint8, uint16 or float in [0, 1].")
+
+
+def _float_rows_to_levels(rows: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> rounded, clipped 0..255 levels (float32)."""
+    scaled = np.multiply(rows, 255.0, dtype=np.float32)
+    np.rint(scaled, out=scaled)
+    return np.clip(scaled, 0.0, 255.0, out=scaled)
+
+
+def _by_rows(image: np.ndarray, to_levels: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """uint8 image converted CONVERT_ROWS rows at a time: an 8000x8000 IMAGE would otherwise need
+    a full-size float32 (or uint32) temporary, 768 MB, on top of the uint8 result."""
+    out = np.empty(image.shape, dtype=np.uint8)
+    for top in range(0, image.shape[0], CONVERT_ROWS):
+        out[top:top + CONVERT_ROWS] = to_levels(image[top:top + CONVERT_ROWS])
+    return out
 
 
 def _downscale_for_detection(image_rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
