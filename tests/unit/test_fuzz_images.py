@@ -18,7 +18,7 @@ from hypothesis.extra.numpy import arrays, from_dtype
 
 from id_animator.adapter.errors import IDAnimatorError
 from id_animator.adapter.face_detection import (
-    CROP_SIZE, SELECT_MODES, AlignedFace, FaceDetector, detect_and_align, resolve_providers, to_rgb_uint8,
+    CONVERT_ROWS, CROP_SIZE, SELECT_MODES, AlignedFace, FaceDetector, detect_and_align, resolve_providers, to_rgb_uint8,
 )
 
 cv2 = pytest.importorskip("cv2")
@@ -113,6 +113,35 @@ def test_property_to_rgb_uint8_on_image_tensors(spec: tuple) -> None:
             colour = expected[:, :, :3] if expected.shape[2] >= 3 else np.repeat(expected, 3, axis=2)
             assert np.array_equal(result, colour)
     assert torch.equal(before.nan_to_num(), photo.nan_to_num()), "the caller's IMAGE was modified"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint16"])
+def test_conversion_by_row_slices_equals_the_whole_image_at_once(dtype: str) -> None:
+    rng = np.random.default_rng(3)
+    rows = 2 * CONVERT_ROWS + 37  # two full slices and a partial one
+    if dtype == "uint16":
+        image = rng.integers(0, 65536, (rows, 50, 3), dtype=np.uint16)
+        expected = ((image.astype(np.uint64) * 255 + 32767) // 65535).astype(np.uint8)
+    else:
+        image = rng.random((rows, 50, 3)).astype(dtype)
+        expected = np.clip(np.rint(image.astype(np.float32) * np.float32(255)), 0, 255).astype(np.uint8)
+    assert np.array_equal(to_rgb_uint8(image), expected)
+
+
+def test_huge_float_image_converts_without_a_full_size_float_copy() -> None:
+    """Regression: a [0, 1] float IMAGE was scaled in one float32 temporary as large as the image."""
+    import tracemalloc
+
+    image = np.full((4000, 4000, 3), 0.5, dtype=np.float32)  # 192 MB, a 16-megapixel IMAGE
+    tracemalloc.start()
+    try:
+        result = to_rgb_uint8(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.shape == (4000, 4000, 3) and int(result[0, 0, 0]) == 128
+    # the uint8 result is a quarter of the float image; the old code added a full float32 copy (1.25x)
+    assert peak < 0.5 * image.nbytes, f"peak {peak / 2**20:.0f} MiB for a {image.nbytes / 2**20:.0f} MiB image"
 
 
 # ----------------------------------------------------------------------------- detection
