@@ -25,6 +25,7 @@ MEDIA_UPLOAD = ("image_upload", "video_upload", "animated_image_upload")
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # virtual nodes: one text widget, never sent to the server
 OUR_REGISTRY_ID = "id-animator"
 COLUMN_GAP, ROW_GAP, TITLE_HEIGHT = 60, 50, 30
+EXTRA_HEIGHT = {"IDMix": 94}  # web/js/id_mix_faces.js draws the two faces under the slider
 
 
 class SpecError(ValueError):
@@ -149,7 +150,7 @@ def node_size(node_type: str, sockets: int, outputs: int, widgets: list[Slot], t
         return [420, 180]
     if node_type in ("PreviewImage", "SaveImage", "SaveVideo", "LoadImage", "LoadVideo"):
         return [300, 330]  # room for the image or video preview
-    return [330, 12 + 22 * max(sockets, outputs) + 26 * len(widgets)]
+    return [330, 12 + 22 * max(sockets, outputs) + 26 * len(widgets) + EXTRA_HEIGHT.get(node_type, 0)]
 
 
 def properties(node_type: str, definition: dict[str, Any]) -> dict[str, Any]:

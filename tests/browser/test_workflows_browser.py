@@ -88,6 +88,14 @@ def test_workflow_loads_as_written(page, artifacts, name):
             shown = widgets[input_name]["value"]
             assert same(shown, value), f"{name}/{node_id} {node['type']}.{input_name}: shows {shown!r}, file {value!r}"
 
+    # Saving it again gives the same values: nothing was shifted, dropped or added on load.
+    resaved = dict(page.evaluate("() => app.graph.serialize().nodes.map(n => [Number(n.id), n.widgets_values])"))
+    for node in workflow["nodes"]:
+        if state[node["id"]]["registered"]:
+            again = resaved[node["id"]] or []
+            assert len(again) == len(node["widgets_values"]) and all(map(same, again, node["widgets_values"])), \
+                f"{name}/{node['id']} {node['type']}: saved again as {again}, file has {node['widgets_values']}"
+
     # Links survive the load (the frontend drops links to slots that do not exist).
     assert page.evaluate("() => app.graph.links.size ?? Object.keys(app.graph.links).length") == len(workflow["links"])
     for node in state.values():
@@ -120,3 +128,23 @@ def test_id_image_queued_from_the_page_renders_an_image(page, browser_server, ar
         return n && n.imgs && n.imgs.length > 0 && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; }""",
                            arg=save_id, timeout=60_000)
     page.screenshot(path=str(artifacts / "id_image_result.png"))
+
+
+def test_id_mix_shows_both_faces_after_they_are_encoded(page, artifacts):
+    """web/js/id_mix_faces.js: an IDMix fed by Face Encode nodes that have run draws their crops."""
+    result = page.evaluate("""async () => {
+        const encode = app.graph.nodes.find(n => n.type === 'FaceEncode');
+        const mix = LiteGraph.createNode('IDMix');
+        mix.pos = [encode.pos[0], encode.pos[1] + encode.size[1] + 60];
+        app.graph.add(mix);
+        encode.connect(0, mix, 0); encode.connect(0, mix, 1);
+        app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+        await new Promise(r => setTimeout(r, 300));
+        app.canvas.draw(true, true);
+        const faces = mix.widgets.find(w => w.type === 'id_animator_faces');
+        return {shown: faces?.facesShown, saved: mix.serialize().widgets_values, encoded: (encode.imgs || []).length};
+    }""")
+    page.screenshot(path=str(artifacts / "id_mix_faces.png"))
+    assert result["encoded"] > 0, "Face Encode shows no crop (run id_image first)"
+    assert result["shown"] == 2, result
+    assert result["saved"] == [0.5, -1], "the faces widget must not be saved into widgets_values"
