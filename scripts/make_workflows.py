@@ -28,12 +28,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ui_format import SpecError, slots, to_ui  # noqa: E402
-from workflow_spec import MODELS, INPUTS, PACKS, THIRD_PARTY, all_workflows  # noqa: E402
+from ui_format import SpecError, slots, to_ui
+from workflow_spec import INPUTS, MODELS, PACKS, THIRD_PARTY, all_workflows
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO / "workflows"
@@ -114,8 +115,8 @@ def gallery_markdown() -> str:
         return f"| `{name}` | `models/{model.folder}/` | {model.what} | {model.source} |"
 
     lines = ["## Workflow gallery", "",
-             "Shared workflows live in [`workflows/`](workflows/); ComfyUI also lists them under "
-             "*Templates -> Extensions* (the pack's folder name). Each opens with a note saying what to change.", "",
+             ("Shared workflows live in [`workflows/`](workflows/); ComfyUI also lists them under "
+              "*Templates -> Extensions* (the pack's folder name). Each opens with a note saying what to change."), "",
              "Every workflow needs:", "", "| file | goes in | what | from |", "|---|---|---|---|",
              *[row(name) for name in common], ""]
     extra_models: list[str] = []
@@ -191,18 +192,15 @@ def get_json(url: str) -> Any:
 
 
 @contextlib.contextmanager
-def comfyui_server(comfyui: Path, extra_packs: list[Path], base: Path | None = None) -> Iterator[str]:
+def comfyui_server(comfyui: Path, extra_packs: list[Path]) -> Iterator[str]:
     """`main.py --cpu` with this pack (and `extra_packs`) in a throw-away base folder; yields its URL."""
-    with tempfile.TemporaryDirectory(prefix="make-workflows-") as tmp:
-        base = base or Path(tmp)
-        (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="make-workflows-") as tmp, open(Path(tmp) / "comfyui.log", "w+") as log:
+        base = Path(tmp)
+        (base / "custom_nodes").mkdir()
         add_placeholder_files(base)
         for target, name in [(REPO, PACK_FOLDER)] + [(p.resolve(), p.resolve().name) for p in extra_packs]:
-            link = base / "custom_nodes" / name
-            if not link.exists():
-                link.symlink_to(target, target_is_directory=True)
+            (base / "custom_nodes" / name).symlink_to(target, target_is_directory=True)
         port = free_port()
-        log = open(Path(tmp) / "comfyui.log", "w+")
         proc = subprocess.Popen(
             [sys.executable, str(comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
              "--base-directory", str(base), "--disable-api-nodes", "--disable-auto-launch"],
@@ -226,7 +224,7 @@ def comfyui_server(comfyui: Path, extra_packs: list[Path], base: Path | None = N
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            log.close()
+                proc.wait()
 
 
 def write_thumbnails(url: str, chromium: str) -> None:

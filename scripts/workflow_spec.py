@@ -7,8 +7,9 @@ ComfyUI core) or, for third-party nodes, the table below. Nothing here knows wid
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # --- Third-party nodes -------------------------------------------------------------------------
 # Definitions in `/object_info` shape, copied from the packs' sources at the pinned commits and
@@ -274,7 +275,7 @@ def id_video_basic() -> Workflow:
 
 
 def two_identities(wf: Workflow, blend: float, blend_end: float) -> Out:
-    ida, encode_a = identity(wf, "person_a.png", "_a", " A")
+    _, encode_a = identity(wf, "person_a.png", "_a", " A")
     _, encode_b = identity(wf, "person_b.png", "_b", " B")
     return wf.add("mix", "IDMix", 2, embeds_a=encode_a["face_embeds"], embeds_b=encode_b["face_embeds"],
                   blend=blend, blend_end=blend_end)["face_embeds"]

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from support import models, photos, workflow_bed
 from support.harness import HttpComfy, make_base
 

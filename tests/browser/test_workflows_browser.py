@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from support import workflow_bed
 from support.workflow_bed import ui_format, workflow_spec
 
@@ -33,6 +32,14 @@ def load_from_server(page, name: str) -> tuple[list[str], str]:
     return page.messages[seen:], error_report(page)
 
 
+def test_page_starts_without_errors_from_this_pack(page):
+    """Our web/ extension loads once and cleanly (the page fixture records from the first request)."""
+    ours = [m for m in page.messages if any(k in m for k in ("id_animator", "id-animator", "IDMix"))]
+    assert not ours, ours
+    assert page.evaluate("() => LiteGraph.createNode('IDMix').widgets.map(w => w.type)") == [
+        "slider", "number", "id_animator_faces"]
+
+
 def test_template_browser_lists_every_workflow_with_thumbnail(page, artifacts):
     page.get_by_label("Templates", exact=True).click()
     dialog = page.get_by_role("dialog")
@@ -48,7 +55,7 @@ def test_template_browser_lists_every_workflow_with_thumbnail(page, artifacts):
     assert len(widths) == len(NAMES) and all(w > 0 for w in widths), widths
     page.screenshot(path=str(artifacts / "templates.png"))
     dialog.locator("[data-testid=template-workflow-id_image]").click()
-    page.wait_for_function("() => app.graph.nodes.length === %d" % len(workflow_bed.load("id_image")["nodes"]))
+    page.wait_for_function("(count) => app.graph.nodes.length === count", arg=len(workflow_bed.load("id_image")["nodes"]))
     assert sorted(page.evaluate("() => app.graph.nodes.map(n => n.type)")) == sorted(
         n["type"] for n in workflow_bed.load("id_image")["nodes"])
 
@@ -126,7 +133,7 @@ def test_id_image_queued_from_the_page_renders_an_image(page, browser_server, ar
     # The page got the result too: the Save Image node shows the picture.
     page.wait_for_function("""(id) => { const n = app.graph.getNodeById(Number(id));
         return n && n.imgs && n.imgs.length > 0 && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; }""",
-                           arg=save_id, timeout=60_000)
+                           arg=save_id, timeout=180_000)
     page.screenshot(path=str(artifacts / "id_image_result.png"))
 
 

@@ -8,7 +8,6 @@ import urllib.request
 
 import pytest
 from PIL import Image
-
 from support import workflow_bed
 from support.workflow_bed import make_workflows, ui_format, workflow_spec
 
@@ -107,7 +106,7 @@ def test_third_party_nodes_come_from_the_table(object_info):
         for node in workflow_bed.load(name)["nodes"]:
             if node["type"] not in object_info and node["type"] not in ui_format.FRONTEND_ONLY:
                 assert node["type"] in workflow_spec.THIRD_PARTY, f"{name}: {node['type']} is in no table"
-                registry_id, repo, commit = workflow_spec.PACKS[workflow_spec.THIRD_PARTY[node["type"]]["pack"]]
+                registry_id, _, commit = workflow_spec.PACKS[workflow_spec.THIRD_PARTY[node["type"]]["pack"]]
                 assert node["properties"]["cnr_id"] == registry_id and node["properties"]["ver"] == commit
                 used.add(node["type"])
     assert used == set(workflow_spec.THIRD_PARTY), "table rows no workflow uses"

@@ -17,9 +17,9 @@ from support import photos
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
-import make_workflows  # noqa: E402
-import ui_format  # noqa: E402
-import workflow_spec  # noqa: E402
+import make_workflows
+import ui_format
+import workflow_spec
 
 PACK_FOLDER = "id_animator"  # custom_nodes/<this> in the test bed (support.harness.make_base)
 STAND_INS = {  # models folder -> (test-bed folder, file) of the generated model that stands in

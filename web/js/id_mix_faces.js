@@ -77,16 +77,26 @@ function facesWidget(node) {
   };
 }
 
-app.registerExtension({
-  name: "id_animator.IDMixFaces",
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE_ID) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const result = onNodeCreated?.apply(this, arguments);
-      this.addCustomWidget(facesWidget(this));
-      this.setSize([Math.max(this.size[0], 300), this.computeSize()[1]]);
-      return result;
-    };
-  },
-});
+// ComfyUI may serve web/ under two names (the folder name and pyproject's project name), which
+// loads this module twice; register once.
+const REGISTERED = Symbol.for("id_animator.IDMixFaces");
+if (!globalThis[REGISTERED]) {
+  globalThis[REGISTERED] = true;
+  registerIDMixFaces();
+}
+
+function registerIDMixFaces() {
+  app.registerExtension({
+    name: "id_animator.IDMixFaces",
+    async beforeRegisterNodeDef(nodeType, nodeData) {
+      if (nodeData?.name !== NODE_ID) return;
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const result = onNodeCreated?.apply(this, arguments);
+        this.addCustomWidget(facesWidget(this));
+        this.setSize([Math.max(this.size[0], 300), this.computeSize()[1]]);
+        return result;
+      };
+    },
+  });
+}
