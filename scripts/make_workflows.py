@@ -12,6 +12,10 @@ pinned table in workflow_spec.py (they need not be installed).
                                                            # verify the table against them
     python scripts/make_workflows.py --thumbnails          # render workflows/<name>.jpg in Chromium
 
+Thumbnails are screenshots of each workflow loaded in the real frontend; give --third-party
+checkouts too, or third-party nodes are drawn as missing. The pinned commits are in
+workflow_spec.PACKS (`git clone` each repository and check out that commit).
+
 Run it with the Python that runs ComfyUI (scripts/test's venv); thumbnails need Chromium
 ($IDA_CHROMIUM or --chromium) and Python playwright.
 """
@@ -246,8 +250,9 @@ def main() -> int:
                         help="ComfyUI source tree to start (default $IDA_COMFYUI)")
     parser.add_argument("--url", help="use this running ComfyUI (with this pack) instead of starting one")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 if files are stale")
-    parser.add_argument("--third-party", type=Path, nargs="*", default=[],
-                        help="checkouts of AnimateDiff-Evolved / Advanced-ControlNet to verify the table against")
+    parser.add_argument("--third-party", type=Path, nargs="+", default=[],
+                        help="checkouts of AnimateDiff-Evolved / Advanced-ControlNet to load and verify the table "
+                             "against (with --url, the table is verified whenever that server has them)")
     parser.add_argument("--thumbnails", action="store_true", help="render workflows/<name>.jpg in Chromium")
     parser.add_argument("--chromium", default=os.environ.get("IDA_CHROMIUM") or shutil.which("chromium"))
     args = parser.parse_args()
@@ -261,7 +266,7 @@ def main() -> int:
             url = stack.enter_context(comfyui_server(Path(args.comfyui), args.third_party))
         object_info = get_json(url + "/object_info")
         status = 0
-        if args.third_party:
+        if args.third_party or any(node_type in object_info for node_type in THIRD_PARTY):
             problems = third_party_mismatches(object_info)
             print("\n".join(problems) or f"third-party table matches the given checkouts ({len(THIRD_PARTY)} nodes)")
             status |= bool(problems)

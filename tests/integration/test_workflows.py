@@ -16,8 +16,10 @@ NAMES = workflow_bed.workflow_names()
 
 @pytest.fixture(scope="module")
 def server(http_comfy, comfy_base, model_files):
-    workflow_bed.add_workflow_files(comfy_base, model_files)
-    return http_comfy
+    """The session's server, with the workflows' files in its base while this module runs."""
+    added = workflow_bed.add_workflow_files(comfy_base, model_files)
+    yield http_comfy
+    workflow_bed.remove_files(added)
 
 
 @pytest.fixture(scope="module")

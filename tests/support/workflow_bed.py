@@ -32,11 +32,14 @@ INPUT_STAND_INS = {"person_a.png": photos.ASTRONAUT, "person_b.png": photos.NEWT
 CI_SIZE, CI_STEPS = 64, 2  # id_image in CI: the shipped graph at a size a CPU renders in seconds
 
 
-def add_workflow_files(base: Path, model_files: dict[str, dict[str, Path]]) -> None:
+def add_workflow_files(base: Path, model_files: dict[str, dict[str, Path]]) -> list[Path]:
+    """Returns the paths it created (for `remove_files`)."""
+    created = []
     for model in workflow_spec.MODELS.values():
         dest = base / "models" / model.folder / model.name
         if dest.exists() or dest.is_symlink():
             continue
+        created.append(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if model.folder in STAND_INS:
             folder, name = STAND_INS[model.folder]
@@ -48,10 +51,18 @@ def add_workflow_files(base: Path, model_files: dict[str, dict[str, Path]]) -> N
         dest = base / "input" / name
         if dest.exists() or dest.is_symlink():
             continue
+        created.append(dest)
         if name in INPUT_STAND_INS:
             dest.symlink_to(base / "input" / INPUT_STAND_INS[name])
         else:
             make_workflows.write_placeholder_video(dest)
+    return created
+
+
+def remove_files(paths: list[Path]) -> None:
+    """Undo `add_workflow_files` in a shared base (other tests expect e.g. no `buffalo_l` pack)."""
+    for path in paths:
+        path.unlink()
 
 
 def workflow_names() -> list[str]:
