@@ -161,19 +161,23 @@ class Rounds:
                 "stats": {name: self.stats(name) for name in self.times}}
 
 
-def cpu_seconds(fn: Callable[[], Any], device: str = "cpu") -> float:
-    """Process CPU time of one call on CPU; wall time with device synchronisation on CUDA."""
+def timed(fn: Callable[[], Any], device: str = "cpu") -> tuple[Any, float]:
+    """fn()'s result and its process CPU time on CPU; wall time with device synchronisation on CUDA."""
     if device == "cuda":
         import torch
 
         torch.cuda.synchronize()
         start = time.perf_counter()
-        fn()
+        result = fn()
         torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return result, time.perf_counter() - start
     start = time.process_time()
-    fn()
-    return time.process_time() - start
+    result = fn()
+    return result, time.process_time() - start
+
+
+def cpu_seconds(fn: Callable[[], Any], device: str = "cpu") -> float:
+    return timed(fn, device)[1]
 
 
 def alternate(variants: dict[str, Callable[[], Any]], rounds: int, device: str = "cpu",
@@ -249,9 +253,9 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
             print("  " + "  ".join("-" * w for w in widths))
 
 
-def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
-    """bench/results/<name>.json (or `out`), with the command line that produced it."""
-    path = out or RESULTS / f"{name}.json"
+def write_json(name: str, payload: dict[str, Any], out: Path | None = None, device: str = "cpu") -> Path:
+    """bench/results/<name>[-cuda].json (or `out`), with the command line that produced it."""
+    path = out or RESULTS / (f"{name}-cuda.json" if device == "cuda" else f"{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "command": " ".join([Path(sys.executable).name, *sys.argv]), **payload}
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
