@@ -10,7 +10,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter.checkpoint import load_adapter_checkpoint
+from ..adapter.checkpoint import EXPECTED_FILE, AdapterWeights, load_adapter_checkpoint, read_state_dict
 from ..adapter.errors import CheckpointError
 from ..adapter.face_detection import FaceDetector, resolve_providers
 from ..adapter.resampler import Resampler
@@ -29,10 +29,35 @@ def describe_clip_vision(config: dict) -> str:
     return f"{known.get((width, layers), 'an unknown vision model')} (width {width}, {layers} layers)"
 
 
+def load_adapter(name: str) -> AdapterWeights:
+    """The validated adapter; every refusal ends by saying which file is expected where."""
+    path = folder_paths.get_full_path_or_raise(folders.ADAPTER_FOLDER, name)
+    try:
+        return load_adapter_checkpoint(path)
+    except CheckpointError as error:
+        if EXPECTED_FILE in str(error):  # content errors say it already; file errors (empty, code...) do not
+            raise
+        raise CheckpointError(f"{error} {EXPECTED_FILE}") from error
+
+
+def read_clip_vision(name: str, path: str) -> dict:
+    """ComfyUI's own reader; where it fails, the pack's safe reader says why (or reads a misnamed file)."""
+    try:
+        return comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as error:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
+        try:
+            state = read_state_dict(path)  # weights only; names empty, truncated and code-carrying files
+        except CheckpointError as diagnosis:
+            raise CheckpointError(
+                f"clip_vision '{name}' could not be read: {diagnosis} ID-Animator needs OpenCLIP ViT-H/14 "
+                f"(CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) in models/clip_vision/.") from error
+    return state.get("state_dict", state)  # e.g. a .bin named .safetensors, read by its real format
+
+
 def load_clip_vision_h(name: str):
     """Load through ComfyUI's own loader, then insist on OpenCLIP ViT-H/14 (official §4.3)."""
     path = folder_paths.get_full_path_or_raise("clip_vision", name)
-    state = comfy.utils.load_torch_file(path, safe_load=True)
+    state = read_clip_vision(name, path)
     clip_vision = comfy.clip_vision.load_clipvision_from_sd(state, prefix="", convert_keys=True)
     if clip_vision is None:
         raise CheckpointError(
@@ -97,7 +122,7 @@ class LoadIDAnimator(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name: str, clip_vision_name: str, face_detector: str, provider: str) -> io.NodeOutput:
-        weights = load_adapter_checkpoint(folder_paths.get_full_path_or_raise(folders.ADAPTER_FOLDER, adapter_name))
+        weights = load_adapter(adapter_name)
         resampler = Resampler()
         resampler.load_state_dict(weights.resampler)
         resampler.eval()
