@@ -50,11 +50,21 @@ def _make_importable() -> None:
 _make_importable()
 
 
+SUITES = ("unit", "integration", "install", "browser")
+
+
+def _suite(item) -> str:
+    parts = Path(item.fspath).relative_to(REPO / "tests").parts
+    return parts[0] if parts and parts[0] in SUITES else ""
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        parts = Path(item.fspath).relative_to(REPO / "tests").parts
-        if parts and parts[0] in ("unit", "integration", "install", "browser"):
-            item.add_marker(getattr(pytest.mark, parts[0]))
+        if suite := _suite(item):
+            item.add_marker(getattr(pytest.mark, suite))
+    # Browser tests last: Playwright's sync API keeps an event loop running in this thread while a
+    # page is open, and the in-process ComfyUI cannot start its own loop under it.
+    items.sort(key=lambda item: _suite(item) == "browser")
 
 
 @pytest.fixture(scope="session")

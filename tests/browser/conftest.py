@@ -37,7 +37,7 @@ def browser_base(chromium, tmp_path_factory, cache_dir, comfyui_dir, scrfd_dir) 
     return base
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_server(comfyui_dir, browser_base, request):
     server = HttpComfy(comfyui_dir, browser_base)
     try:
@@ -50,7 +50,7 @@ def browser_server(comfyui_dir, browser_base, request):
             shutil.copy(server.log_path, ARTIFACTS / "comfyui.log")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def page(browser_server, chromium):
     from workflow_browser import open_comfyui
 

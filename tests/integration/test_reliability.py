@@ -185,7 +185,7 @@ def inputs(comfy_base) -> dict[str, np.ndarray]:
     alpha = np.random.default_rng(0).integers(0, 256, astronaut.shape[:2] + (1,), dtype=np.uint8)
     Image.fromarray(np.concatenate([astronaut, alpha], axis=2)).save(folder / RGBA)
     cv2.imwrite(str(folder / SIXTEEN_BIT), astronaut[:, :, ::-1].astype(np.uint16) * 257)  # 16-bit RGB PNG
-    save_file({"latent_tensor": torch.full((1, 3, 64, 64), float("nan"))}, str(folder / NAN_LATENT))
+    write_nan_latent(comfy_base)
     return {"astronaut": astronaut, "grey": np.repeat(grey[:, :, None], 3, axis=2),
             "solvay": rgb(folder / SOLVAY), "newton": rgb(folder / NEWTON)}
 
@@ -193,6 +193,11 @@ def inputs(comfy_base) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- bad inputs
 
 NO_FACE_HINT = "no face found in image(s) {} of {} (0-based)"
+
+
+def write_nan_latent(comfy_base: Path) -> None:
+    """The input behind `nan_image_graph` (a missing file would only drop that branch's output)."""
+    save_file({"latent_tensor": torch.full((1, 3, 64, 64), float("nan"))}, str(comfy_base / "input" / NAN_LATENT))
 
 
 def nan_image_graph(prefix: str) -> dict:

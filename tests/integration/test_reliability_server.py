@@ -21,7 +21,7 @@ import torch
 
 from support.graphs import apply_node, id_nodes, sampling_graph, saved_latent
 from support.photos import ASTRONAUT, NEWTON, NO_FACE, SOLVAY
-from test_reliability import NAN_LATENT, write_wrong_files
+from test_reliability import NAN_LATENT, write_nan_latent, write_wrong_files
 
 FACES = {"a": ASTRONAUT, "b": NEWTON}
 CONFIGS = [("a", 0.5), ("b", 1.0), ("a", 1.0), ("b", 0.5)]  # consecutive prompts always change face
@@ -116,6 +116,7 @@ def run_sampled(http_comfy, comfy_base: Path, graph: dict) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def wrong_files(comfy_base) -> Path:
+    write_nan_latent(comfy_base)
     return write_wrong_files(comfy_base)
 
 

@@ -153,7 +153,8 @@ class HttpComfy:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())
+                body = r.read()
+                return json.loads(body) if body else {}  # e.g. /interrupt answers 200 with no body
         except urllib.error.HTTPError as e:
             return {"http_status": e.code, **json.loads(e.read() or b"{}")}
 
