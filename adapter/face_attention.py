@@ -89,11 +89,12 @@ def decoupled_attention(q: Tensor, text_k: Tensor, text_v: Tensor, face_k: Tenso
     """text_out + λ·face_out, both attended with the same query q (official §6 steps 4-6).
 
     `text_out` may be supplied (e.g. another pack's attn2 patch already computed the text
-    branch); `face_mask` broadcastable to (B, Lq, 1) weights the face branch only.
+    branch); it is then consumed: the sum is written into it, which saves two full-size
+    temporaries per layer. `face_mask` broadcastable to (B, Lq, 1) weights the face branch only.
     """
     if text_out is None:
         text_out = attention(q, text_k, text_v, heads)
     face_out = attention(q, face_k.to(q), face_v.to(q), heads)
     if face_mask is not None:
-        face_out = face_out * face_mask.to(face_out)
-    return text_out + scale * face_out
+        face_out.mul_(face_mask.to(face_out))
+    return text_out.add_(face_out, alpha=scale)

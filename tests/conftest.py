@@ -62,9 +62,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if suite := _suite(item):
             item.add_marker(getattr(pytest.mark, suite))
-    # Browser tests last: Playwright's sync API keeps an event loop running in this thread while a
-    # page is open, and the in-process ComfyUI cannot start its own loop under it.
-    items.sort(key=lambda item: _suite(item) == "browser")
+    # Suites in SUITES order (fast ones first), browser last: Playwright's sync API keeps an event
+    # loop running in this thread while a page is open, and the in-process ComfyUI cannot start its
+    # own loop under it.
+    items.sort(key=lambda item: SUITES.index(_suite(item)) if _suite(item) else len(SUITES))
 
 
 @pytest.fixture(scope="session")

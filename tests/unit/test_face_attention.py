@@ -174,10 +174,12 @@ def test_decoupled_attention_uses_given_text_branch_and_attention_fn() -> None:
         return sdpa_attention(q, k, v, heads)
 
     text_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    expected = text_out + 0.5 * sdpa_attention(q, face_k, face_v, 4)
     out = decoupled_attention(q, text_k, text_v, face_k, face_v, 0.5, 4,
                               attention=counting_attention, text_out=text_out)
     assert calls == [16]  # only the face branch was computed
-    assert torch.allclose(out, text_out + 0.5 * sdpa_attention(q, face_k, face_v, 4), atol=1e-6)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert out.data_ptr() == text_out.data_ptr()  # the given text branch is consumed, no temporaries
 
 
 def test_face_mask_weights_face_branch_only() -> None:
