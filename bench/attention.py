@@ -17,7 +17,6 @@ from __future__ import annotations
 import common  # noqa: I001  (sets up sys.path for the test bed)
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from official_reference import OfficialAttn2, official_attn2, official_context
 
@@ -88,7 +87,7 @@ VARIANTS = {"plain": run_plain, "ours": run_ours, "official": run_official}
 
 
 def flops(fn, layers: list[dict]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with common.flop_counter() as counter:
         fn(layers)
     return counter.get_total_flops()
 

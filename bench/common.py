@@ -130,6 +130,21 @@ def sample(session: Session, model, frames: int, size: int, steps: int = 1, cfg:
                                                text_conditioning(2), latent)[0]["samples"]
 
 
+def flop_counter():
+    """torch's FlopCounterMode, also counting the fused CPU attention kernel.
+
+    torch 2.14 has formulas for the CUDA SDPA kernels only; without this, PyTorch SDPA on CPU
+    (our face branch) would count as zero FLOPs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash})
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing
 

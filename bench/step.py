@@ -17,7 +17,6 @@ from __future__ import annotations
 import common  # noqa: I001  (sets up sys.path for the test bed)
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 
 class TimedModel:
@@ -44,7 +43,7 @@ class TimedModel:
     def wrapper(self, apply_model, args):
         self._batches.append(int(args["input"].shape[0]))
         if self._counting:  # the warm-up run: count, do not time
-            with FlopCounterMode(display=False) as counter:
+            with common.flop_counter() as counter:
                 out = apply_model(args["input"], args["timestep"], **args["c"])
             self._flops.append(counter.get_total_flops())
             return out
