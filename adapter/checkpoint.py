@@ -316,9 +316,11 @@ def _check_tensor(name: str, value: Any, shape: tuple[int, ...]) -> tuple[str | 
         return None, f"{name} has dtype {str(value.dtype).removeprefix('torch.')}, not floating point"
     if tuple(value.shape) != shape:
         return f"{name}: {tuple(value.shape)}, expected {shape}", None
-    # one float64 sum: NaN/inf propagate and finite fp16/bf16/fp32 sums cannot overflow; 20x faster
-    # than isfinite(value).all() on a CPU
-    if not bool(torch.isfinite(value.sum(dtype=torch.float64))):
+    # one sum: NaN/inf propagate, and a finite sum cannot overflow in the accumulator (fp16 values
+    # are <= 65504, so float32 suffices and is ~2x faster than float64); far faster than
+    # isfinite(value).all() on a CPU
+    accumulator = torch.float32 if value.dtype == torch.float16 else torch.float64
+    if not bool(torch.isfinite(value.sum(dtype=accumulator))):
         return None, f"{name} contains NaN or infinite values"
     return None, None
 
