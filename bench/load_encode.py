@@ -97,7 +97,8 @@ def rerun(session: common.Session) -> dict:
         if not result.success:
             raise RuntimeError(f"{label}: {result.error_message}")
         cached = next((d["nodes"] for e, d in result.messages if e == "execution_cached"), [])
-        executed = [d["node"] for e, d in comfy.server.messages if e == "executing" and d.get("node")]
+        # every node the outputs need either ran or is listed as cached (ComfyUI's execution_cached)
+        executed = sorted(set(graph) - set(cached))
         runs[label] = {"executed": executed, "cached": sorted(cached), "wall_s": time.perf_counter() - start,
                        "cpu_s": time.process_time() - cpu,
                        "class_types": {n: graph[n]["class_type"] for n in executed}}

@@ -140,8 +140,19 @@ def memory_section(data: dict, summary: list) -> str:
     return text
 
 
-def executed_nodes(run: dict) -> str:
-    return ", ".join(f"{node} ({run['class_types'][node]})" for node in run["executed"]) or "nothing"
+def rerun_lines(runs: dict[str, dict]) -> tuple[str, str]:
+    """(one line per run, the summary of the second run), from ComfyUI's execution_cached lists."""
+    graph = set().union(*(run["cached"] for run in runs.values()), *(run["executed"] for run in runs.values()))
+    lines = []
+    for label, run in runs.items():
+        ran = sorted(graph - set(run["cached"]))
+        lines.append(f"- {label}: {len(run['cached'])} of {len(graph)} nodes cached; executed: "
+                     f"{', '.join(ran) or 'nothing'}; {run['cpu_s']:.1f} CPU s")
+    again = runs.get("same graph again")
+    second = "-" if again is None else (
+        f"{len(again['cached'])} of {len(graph)} nodes cached; re-executed: "
+        f"{', '.join(sorted(graph - set(again['cached']))) or 'nothing'}")
+    return "\n".join(lines), second
 
 
 def load_encode_section(data: dict, summary: list) -> str:
@@ -153,19 +164,17 @@ def load_encode_section(data: dict, summary: list) -> str:
             for name in ("ckpt", "safetensors")]
     rows += [[name, f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})", loads(encode["load_average_1min"])]
              for name, s in encode["stats"].items()]
-    rerun = "\n".join(f"- {label}: executed {executed_nodes(run)}; {run['cpu_s']:.1f} CPU s"
-                      for label, run in r["rerun"].items())
+    rerun, second = rerun_lines(r["rerun"])
     per_image = r["face_encode"]["marginal_per_image_s"]
     summary.append(["adapter load, .safetensors vs .ckpt", ratio(load["ratio_safetensors_vs_ckpt"]), "-", "-"])
     summary.append(["FaceEncode, each extra photo", f"{per_image:.2f} CPU s", "-", "-"])
-    again = r["rerun"].get("same graph again", {}).get("executed", [])
-    summary.append(["second run of the same graph", f"re-executed: {', '.join(again) or 'nothing'}", "-", "-"])
+    summary.append(["second run of the same graph", second, "must reuse every cached result", "-"])
     return ("### 4. Load and encode\n\n" + header(data) + "\n\n"
             + table(["what", "CPU s median (min-max)", "load 1 min"], rows)
             + f"\n\nLoadIDAnimator's first execution (adapter + CLIP ViT-H + detector): "
               f"{r['load_id_animator_node_cpu_s_first']:.1f} CPU s. Each extra photo in one FaceEncode batch costs "
               f"{per_image:.2f} CPU s (batch of 4 minus one photo, over 3).\n\nThe same identity graph queued three "
-              "times (ComfyUI's `executing` messages):\n\n" + rerun)
+              "times (ComfyUI's `execution_cached` message):\n\n" + rerun)
 
 
 def render() -> str:
