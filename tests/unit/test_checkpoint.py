@@ -497,8 +497,8 @@ def _mutate(inner: dict[Any, Any], mutation: Mutation) -> bool:
     kind, position, arg = mutation
     if kind == "add":
         key, value = arg
-        if key in inner:  # never overwrite: an added key must be extra
-            return False
+        if key in inner:  # never overwrite: an added key must be extra, so this one is a no-op
+            return True
         inner[key] = value
         return False
     key = sorted(inner, key=repr)[position % len(inner)] if inner else None
