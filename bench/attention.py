@@ -116,10 +116,7 @@ def measure(session: common.Session, unet, ida, embeds, frames: int, size: int, 
 
 
 def main() -> None:
-    parser = common.base_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--latents", type=int, nargs="+", default=[32, 64], help="latent sizes (pixels / 8)")
-    args = parser.parse_args()
+    args = common.video_arguments(__doc__.splitlines()[0]).parse_args()
     session = common.start_comfy(args.device)
     unet, ida, embeds = common.load_identity(session)
     results = [measure(session, unet, ida, embeds, args.frames, size, args.rounds, args.threads, args.device)

@@ -43,6 +43,14 @@ def base_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def video_arguments(description: str) -> argparse.ArgumentParser:
+    """base_arguments plus the video being sampled: --frames and --latents."""
+    parser = base_arguments(description)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--latents", type=int, nargs="+", default=[32, 64], help="latent sizes (pixels / 8)")
+    return parser
+
+
 # ---------------------------------------------------------------------------------------------
 # The real ComfyUI of the test bed
 

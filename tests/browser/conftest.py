@@ -5,12 +5,11 @@ every browser test is skipped before any server starts."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from support import models, photos, workflow_bed
-from support.harness import HttpComfy, make_base
+from support.harness import make_base, serving
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -39,15 +38,9 @@ def browser_base(chromium, tmp_path_factory, cache_dir, comfyui_dir, scrfd_dir) 
 
 @pytest.fixture(scope="module")
 def browser_server(comfyui_dir, browser_base, request):
-    server = HttpComfy(comfyui_dir, browser_base)
-    try:
-        server.wait_ready()
+    with serving(comfyui_dir, browser_base, lambda: request.session.testsfailed,
+                 ARTIFACTS / "comfyui.log") as server:
         yield server
-    finally:
-        server.stop()
-        if request.session.testsfailed:
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            shutil.copy(server.log_path, ARTIFACTS / "comfyui.log")
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,11 @@
 pack installed, an in-process executor and an HTTP server."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from support.harness import HttpComfy, InProcessComfy, make_base
+from support.harness import InProcessComfy, make_base, serving
 from support import models, photos
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,14 +32,6 @@ def comfy(comfyui_dir, comfy_base) -> InProcessComfy:
 
 @pytest.fixture(scope="session")
 def http_comfy(comfyui_dir, comfy_base, request):
-    server = HttpComfy(comfyui_dir, comfy_base)
-    try:
-        server.wait_ready()
+    with serving(comfyui_dir, comfy_base, lambda: request.session.testsfailed,
+                 comfy_base.parent / "comfyui-failed.log") as server:
         yield server
-    finally:
-        server.stop()
-        failed = request.session.testsfailed
-        if failed:
-            kept = comfy_base.parent / "comfyui-failed.log"
-            shutil.copy(server.log_path, kept)
-            print(f"\nComfyUI log kept at {kept}")

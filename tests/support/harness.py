@@ -3,7 +3,9 @@ executor (validate_prompt + PromptExecutor) and an HTTP server (`main.py --cpu`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 PACK_FOLDER = "id_animator"
 
@@ -112,6 +114,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(comfyui_dir: Path, base: Path, keep_log: Callable[[], bool], kept: Path) -> Iterator["HttpComfy"]:
+    """A started HttpComfy, stopped on exit; its log is copied to `kept` when keep_log() is true."""
+    server = HttpComfy(comfyui_dir, base)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        if keep_log():
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(server.log_path, kept)
+            print(f"\nComfyUI log kept at {kept}")
 
 
 class HttpComfy:
