@@ -494,8 +494,15 @@ def _describe_failure(state: Mapping[Any, Any], source: str, container: str, fou
 
 
 def load_adapter_checkpoint(path: str | Path) -> AdapterWeights:
-    """Read and validate an ID-Animator adapter file (.ckpt/.pt/.pth/.bin or .safetensors)."""
-    return parse_adapter_state(read_state_dict(path), source=str(path))
+    """Read and validate an ID-Animator adapter file (.ckpt/.pt/.pth/.bin or .safetensors).
+
+    Every refusal ends by saying which file is expected where: content errors already do, file
+    errors (empty, truncated, code in a pickle) are generic to any weights file and get it here."""
+    try:
+        state = read_state_dict(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error} {EXPECTED_FILE}") from error
+    return parse_adapter_state(state, source=str(path))
 
 
 LAYOUTS = ("state_dict", "state_dict_module", "image_proj+face_adapter", "flat", "bare")

@@ -10,7 +10,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter.checkpoint import EXPECTED_FILE, AdapterWeights, load_adapter_checkpoint, read_state_dict
+from ..adapter.checkpoint import load_adapter_checkpoint, read_state_dict
 from ..adapter.errors import CheckpointError
 from ..adapter.face_detection import FaceDetector, resolve_providers
 from ..adapter.resampler import Resampler
@@ -27,17 +27,6 @@ def describe_clip_vision(config: dict) -> str:
     width, layers = config.get("hidden_size"), config.get("num_hidden_layers")
     known = {(1024, 24): "ViT-L/14", (1280, 32): "ViT-H/14", (1664, 48): "ViT-bigG/14", (1152, 27): "SigLIP"}
     return f"{known.get((width, layers), 'an unknown vision model')} (width {width}, {layers} layers)"
-
-
-def load_adapter(name: str) -> AdapterWeights:
-    """The validated adapter; every refusal ends by saying which file is expected where."""
-    path = folder_paths.get_full_path_or_raise(folders.ADAPTER_FOLDER, name)
-    try:
-        return load_adapter_checkpoint(path)
-    except CheckpointError as error:
-        if EXPECTED_FILE in str(error):  # content errors say it already; file errors (empty, code...) do not
-            raise
-        raise CheckpointError(f"{error} {EXPECTED_FILE}") from error
 
 
 def read_clip_vision(name: str, path: str) -> dict:
@@ -122,7 +111,7 @@ class LoadIDAnimator(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name: str, clip_vision_name: str, face_detector: str, provider: str) -> io.NodeOutput:
-        weights = load_adapter(adapter_name)
+        weights = load_adapter_checkpoint(folder_paths.get_full_path_or_raise(folders.ADAPTER_FOLDER, adapter_name))
         resampler = Resampler()
         resampler.load_state_dict(weights.resampler)
         resampler.eval()
