@@ -117,7 +117,7 @@ def measure(session: common.Session, unet, ida, embeds, frames: int, size: int, 
 
 def main() -> None:
     args = common.video_arguments(__doc__.splitlines()[0]).parse_args()
-    session = common.start_comfy(args.device)
+    session = common.start_comfy(args.device, args.attention)
     unet, ida, embeds = common.load_identity(session)
     results = [measure(session, unet, ida, embeds, args.frames, size, args.rounds, args.threads, args.device)
                for size in args.latents]

@@ -31,15 +31,24 @@ import conftest  # noqa: E402
 PATHS = conftest.PATHS
 
 
+# --attention: the ComfyUI flag each choice passes. On CPU ComfyUI's default is the sub-quadratic
+# kernel, which picks its query chunk (256..4096) from the free RAM at each call, so its cost
+# moves with whatever else the machine holds; PyTorch's SDPA does not.
+ATTENTION = {"pytorch": ["--use-pytorch-cross-attention"], "comfy-cpu-default": []}
+
+
 def base_arguments(description: str) -> argparse.ArgumentParser:
     """Options every benchmark takes: --device, --rounds, --threads, --out."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: fp32, process CPU time; cuda: fp16, wall time with synchronize")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up (>= 7)")
+    parser.add_argument("--rounds", type=int, default=11, help="timed rounds after one warm-up (>= 7)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads while timing (1 = the reproducible method)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/<name>.json)")
+    parser.add_argument("--attention", choices=ATTENTION, default="pytorch",
+                        help="ComfyUI's attention backend: pytorch (its default with a GPU) or comfy-cpu-default "
+                             "(sub-quadratic, whose chunk size and so cost follow the free RAM)")
     return parser
 
 
@@ -73,24 +82,25 @@ class Session:
         return self.comfy.nodes.NODE_CLASS_MAPPINGS
 
 
-def start_comfy(device: str = "cpu") -> Session:
-    """Generate (or reuse) the cached full-size random models and start ComfyUI in-process."""
+def start_comfy(device: str = "cpu", attention: str = "pytorch") -> Session:
+    """Generate (or reuse) the cached full-size random models and start ComfyUI in-process
+    with the `attention` backend (a key of ATTENTION)."""
     from support import models, photos
     from support.harness import InProcessComfy, make_base
 
     files = models.ensure_models(PATHS["cache"], PATHS["comfyui"], PATHS["scrfd"])
     base = make_base(Path(tempfile.mkdtemp(prefix="ida-bench-")), REPO, files)
     photos.write_inputs(base / "input", PATHS["scrfd"])
-    if device == "cuda":
-        _parse_comfy_args(base, ["--base-directory", str(base), "--disable-api-nodes"])
+    _parse_comfy_args(base, ["--cpu"] * (device == "cpu") + ATTENTION[attention]
+                      + ["--base-directory", str(base), "--disable-api-nodes"])
     comfy = InProcessComfy(PATHS["comfyui"], base)
     name = comfy.nodes.NODE_CLASS_MAPPINGS["ApplyFaceAdapter"].__module__.rsplit(".nodes.", 1)[0]
     return Session(comfy, base, sys.modules[name])
 
 
 def _parse_comfy_args(base: Path, argv: list[str]) -> None:
-    """Parse ComfyUI's arguments before the harness does (it always passes --cpu): `comfy.cli_args`
-    parses once at import, so a GPU run imports it first with argv that lack --cpu."""
+    """Parse ComfyUI's arguments before the harness does (it always passes --cpu and nothing
+    else): `comfy.cli_args` parses once at import, so importing it first with our argv wins."""
     if str(PATHS["comfyui"]) not in sys.path:
         sys.path.insert(0, str(PATHS["comfyui"]))
     import comfy.options

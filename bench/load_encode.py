@@ -109,7 +109,7 @@ def rerun(session: common.Session) -> dict:
 def main() -> None:
     parser = common.base_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
-    session = common.start_comfy(args.device)
+    session = common.start_comfy(args.device, args.attention)
     from support.graphs import ADAPTER, CLIP_VISION, DETECTOR
 
     common.set_threads(args.threads)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from report import call_batches
+
 WINDOW = {"context_length": 16, "context_overlap": 4, "context_schedule": "standard_static",
           "context_stride": 1, "closed_loop": False, "fuse_method": "pyramid", "dim": 0, "freenoise": False,
           "causal_window_fix": False}
@@ -54,9 +56,9 @@ def lora_backup_bytes(model) -> int:
     return sum(b.weight.numel() * b.weight.element_size() for b in model.backup.values())
 
 
-def child(frames: int, windows: bool, adapter: bool, latent: int, device: str) -> dict:
+def child(frames: int, windows: bool, adapter: bool, latent: int, device: str, attention: str) -> dict:
     """One configuration, in this (fresh) process."""
-    session = common.start_comfy(device)
+    session = common.start_comfy(device, attention)
     from support.graphs import ADAPTER, UNET
 
     torch.set_num_threads(os.cpu_count() or 1)  # memory, not time: use every core
@@ -79,6 +81,16 @@ def child(frames: int, windows: bool, adapter: bool, latent: int, device: str) -
         sizes.update(adapter_tensor_bytes(model))
     if windows:
         model = session.nodes["ContextWindowsManual"].execute(model, **WINDOW).args[0]
+    # the batch of each UNet call: shows whether ComfyUI split cond/uncond (it does when its
+    # free-memory estimate is short), which changes the peak as much as the frame count does
+    batches: list[int] = []
+
+    def record_batch(apply_model, args):
+        batches.append(int(args["input"].shape[0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model = model.clone()
+    model.set_model_unet_function_wrapper(record_batch)
     before = status_kib("VmRSS")
     reset_peak()
     if device == "cuda":
@@ -95,8 +107,9 @@ def child(frames: int, windows: bool, adapter: bool, latent: int, device: str) -
     return {"frames": frames, "windows": windows, "adapter": adapter, "latent": latent,
             "rss_before_mib": before / 1024, "peak_mib": peak / 1024, "sampling_mib": (peak - before) / 1024,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "sample_wall_s": wall, "sample_cpu_s": cpu, "load_average_1min": common.load_average(),
-            "adapter_bytes": sizes}
+            "unet_call_batches": batches, "sample_wall_s": wall, "sample_cpu_s": cpu,
+            "load_average_1min": common.load_average(),
+            "adapter_bytes": sizes, "comfy_attention": common.machine(device)["comfy_attention"]}
 
 
 CONFIGS = [(frames, windows, True) for windows in (True, False) for frames in (16, 32, 64)]
@@ -111,7 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         frames, windows, adapter = int(args.child[0]), args.child[1] == "1", args.child[2] == "1"
-        print("RESULT " + json.dumps(child(frames, windows, adapter, args.latent, args.device)), flush=True)
+        result = child(frames, windows, adapter, args.latent, args.device, args.attention)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     configs = [c for c in CONFIGS if args.frames is None or c[0] in args.frames]
     results = []
@@ -119,7 +133,8 @@ def main() -> None:
         print(f"{frames} frames, windows {'on' if windows else 'off'}, adapter {'on' if adapter else 'off'} ...",
               flush=True)
         cmd = [sys.executable, __file__, "--child", str(frames), str(int(windows)), str(int(adapter)),
-               "--latent", str(args.latent), "--device", args.device]
+               "--latent", str(args.latent), "--device", args.device,
+               "--attention", args.attention]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -130,7 +145,8 @@ def main() -> None:
               f"+{r['sampling_mib']:.0f} MiB, {r['sample_cpu_s']:.0f} s CPU (load {r['load_average_1min']})",
               flush=True)
     print_summary(results)
-    common.write_json("memory", {"machine": common.machine(args.device), "latent": args.latent, "steps": 1,
+    machine = {**common.machine(args.device), "comfy_attention": results[0]["comfy_attention"]}
+    common.write_json("memory", {"machine": machine, "latent": args.latent, "steps": 1,
                                  "cfg": 2.0, "window": WINDOW, "results": results}, args.out, args.device)
 
 
@@ -146,10 +162,10 @@ def print_summary(results: list[dict]) -> None:
         sampling_growth = f"{r['sampling_mib'] / first['sampling_mib']:.2f}" if first and first["sampling_mib"] else "-"
         rows.append([r["frames"], "on" if r["windows"] else "off", "on" if r["adapter"] else "off",
                      round(r["rss_before_mib"]), round(r["peak_mib"]), round(r["sampling_mib"]), growth,
-                     sampling_growth, r["load_average_1min"]])
+                     sampling_growth, call_batches(r), r["load_average_1min"]])
     common.print_table("Peak resident memory of one sampling run (MiB)",
                        ["frames", "windows", "adapter", "before", "peak", "sampling", "peak / 16 frames",
-                        "sampling / 16 frames", "load 1min"], rows)
+                        "sampling / 16 frames", "UNet calls", "load 1min"], rows)
 
 
 def argparse_hidden() -> str:

@@ -33,6 +33,15 @@ def ratio(r: dict[str, float]) -> str:
     return f"{r['median']:.3f}x ({r['min']:.2f}-{r['max']:.2f})"
 
 
+def call_batches(result: dict) -> str:
+    """'6 x 32' for six UNet calls of batch 32 (older results did not record them: '-')."""
+    batches = result.get("unet_call_batches")
+    if not batches:
+        return "-"
+    counts = {b: batches.count(b) for b in sorted(set(batches), reverse=True)}
+    return " + ".join(f"{n} x {b}" for b, n in counts.items())
+
+
 def loads(values: Sequence[float]) -> str:
     return f"{min(values)}-{max(values)}"
 
@@ -66,7 +75,8 @@ def attention_section(data: dict, summary: list) -> str:
                          loads(r["rounds"]["load_average_1min"])])
         ours = r["ratio_vs_plain"]["ours"]["median"]
         summary.append([f"attn2 layers of one step, {r['latent']}x{r['latent']} latent, {r['frames']} frames",
-                        f"ours {ours:.2f}x plain (official {r['ratio_vs_plain']['official']['median']:.2f}x)",
+                        f"ours {ratio(r['ratio_vs_plain']['ours'])} plain "
+                        f"(official {ratio(r['ratio_vs_plain']['official'])})",
                         verdict(ours, GOALS["attn2"]), "yes" if r["contended"] else "no"])
     return ("### 1. Attention-layer cost (every attn2 call of one step)\n\n" + header(data) + "\n\n"
             + table(["latent", "variant", "attn2 calls", "CPU s median (min-max)", "time vs plain", "FLOP vs plain",
@@ -90,7 +100,8 @@ def step_section(files: list[dict], summary: list) -> str:
                              loads(r["unet"]["load_average_1min"])])
             step = r["unet_ratio"]["median"]
             summary.append([f"one sampling step (UNet), {r['latent']}x{r['latent']} latent, {r['frames']} frames",
-                            f"{step:.3f}x plain; FLOP floor {r['flop_floor']:.5f}x", verdict(step, GOALS["step"]),
+                            f"{ratio(r['unet_ratio'])} plain; FLOP floor {r['flop_floor']:.5f}x",
+                            verdict(step, GOALS["step"]),
                             "yes" if r["contended"] else "no"])
         parts.append(header(data) + "\n\n" + table(
             ["latent", "model", "UNet calls (batch)", "UNet CPU s median (min-max)", "UNet vs plain",
@@ -111,11 +122,11 @@ def memory_section(data: dict, summary: list) -> str:
         rows.append([r["frames"], "on" if r["windows"] else "off", "on" if r["adapter"] else "off",
                      round(r["rss_before_mib"]), round(r["peak_mib"]), round(r["sampling_mib"]),
                      f"{r['peak_mib'] / first['peak_mib']:.3f}" if first else "-",
-                     f"{r['sample_cpu_s']:.0f}", r["load_average_1min"]])
+                     call_batches(r), f"{r['sample_cpu_s']:.0f}", r["load_average_1min"]])
     text = ("### 3. Memory with frames (one sampling step, "
             f"{data['latent'] * 8}x{data['latent'] * 8} pixels, cfg {data['cfg']})\n\n" + header(data) + "\n\n"
             + table(["frames", "context windows", "adapter", "RSS before MiB", "peak MiB", "sampling MiB",
-                     "peak / 16 frames", "CPU s", "load 1 min"], rows))
+                     "peak / 16 frames", "UNet calls", "CPU s", "load 1 min"], rows))
     for windows in (True, False):
         small, large = find(16, windows, True), find(64, windows, True)
         if small and large:
