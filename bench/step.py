@@ -1,16 +1,18 @@
 """Whole step: one sampling step of the full-size SD1.5 UNet in real ComfyUI, with and without
 ApplyFaceAdapter (8 frames, cfg 2, so the UNet sees a batch of 2 x 8).
 
-Each round runs `nodes.common_ksampler` (what KSampler runs) for 1 euler step on each model, the
-order rotated. Two times are kept per call:
-- unet: the model call of the step (cond and uncond batched), timed inside ComfyUI's
-  model_function_wrapper: this is the per-step cost the adapter adds;
-- sampler: the whole common_ksampler call; it also holds per-run work such as ComfyUI patching
-  the merged LoRA into the weights (and restoring them), which alternating the two models forces
-  on every call, so it overstates what a user sampling many steps pays.
-The FLOP floor is counted with torch.utils.flop_counter on the warm-up call of each model.
+Each round runs `nodes.common_ksampler` (what KSampler runs) for 2 euler steps on each model,
+the order rotated, and keeps two times:
+- unet: the model call(s) of the second step, timed inside ComfyUI's model_function_wrapper:
+  the per-step cost in a sampling run. The first step is not kept: switching models makes
+  ComfyUI patch (or restore) the merged LoRA weights, after which the next UNet call takes
+  more page faults (measured at 32x32: 0.4-1.7 million, 0.7-4.5 s of system time, for the
+  adapter's first step against 0.3-0.4 million, 0.5-0.7 s, for plain's), which a user sampling
+  many steps pays once per run, not per step;
+- sampler: the whole common_ksampler call, per-run work included (patching, both steps).
+The FLOP floor is counted with torch.utils.flop_counter on the warm-up run's second step.
 
-    python bench/step.py                     # 32x32 and 64x64 latents, 7 rounds
+    python bench/step.py                     # 32x32 and 64x64 latents, 11 rounds
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ class TimedModel:
 
     ComfyUI batches cond and uncond into one UNet call when it thinks memory allows, else it
     makes one call per chunk (on CPU it asks how much RAM is free, which changes with whatever
-    else runs on the machine); the times of all calls of one step are summed, and the calls
-    and their batch sizes are kept.
+    else runs on the machine); the calls of the kept step are summed, and their batch sizes kept.
     """
+
+    STEPS = 2  # sampled per run; only the last one is kept
 
     def __init__(self, model, device: str) -> None:
         self.unet_seconds: list[float] = []
@@ -35,45 +38,47 @@ class TimedModel:
         self.device = device
         self.model = model.clone()
         self.model.set_model_unet_function_wrapper(self.wrapper)
-        self._spent: list[float] = []
-        self._batches: list[int] = []
+        self._calls: list[tuple[float, int, float]] = []  # (timestep, batch, seconds or FLOPs)
         self._counting = False
-        self._flops: list[int] = []
 
     def wrapper(self, apply_model, args):
-        self._batches.append(int(args["input"].shape[0]))
+        def call():
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
         if self._counting:  # the warm-up run: count, do not time
             with common.flop_counter() as counter:
-                out = apply_model(args["input"], args["timestep"], **args["c"])
-            self._flops.append(counter.get_total_flops())
-            return out
-        out, seconds = common.timed(lambda: apply_model(args["input"], args["timestep"], **args["c"]), self.device)
-        self._spent.append(seconds)
+                out = call()
+            amount = counter.get_total_flops()
+        else:
+            out, amount = common.timed(call, self.device)
+        self._calls.append((float(args["timestep"].flatten()[0]), int(args["input"].shape[0]), amount))
         return out
 
     def run(self, session: common.Session, frames: int, size: int) -> None:
-        """One sampling run of one step; the first run counts FLOPs instead of timing."""
-        self._spent, self._batches, self._flops = [], [], []
+        """One sampling run; the first run counts FLOPs instead of timing."""
+        self._calls = []
         self._counting = self.flops is None
-        common.sample(session, self.model, frames=frames, size=size * 8, steps=1, cfg=2.0)
+        common.sample(session, self.model, frames=frames, size=size * 8, steps=self.STEPS, cfg=2.0)
+        last_step = [c for c in self._calls if c[0] == self._calls[-1][0]]
         if self._counting:
-            self.flops, self._counting = sum(self._flops), False
+            self.flops, self._counting = sum(c[2] for c in last_step), False
         else:
-            self.unet_seconds.append(sum(self._spent))
-            self.batches.append(self._batches)
+            self.unet_seconds.append(sum(c[2] for c in last_step))
+            self.batches.append([c[1] for c in last_step])
 
 
 def measure(session: common.Session, unet, ida, embeds, frames: int, size: int, rounds: int, device: str) -> dict:
     models = {"plain": TimedModel(unet, device),
               "ours": TimedModel(common.apply_adapter(session, unet, ida, embeds, weight=0.8), device)}
-    print(f"\n{frames} frames x cond/uncond, {size}x{size} latent: {rounds} rounds of one step per model")
+    print(f"\n{frames} frames x cond/uncond, {size}x{size} latent: {rounds} rounds of {TimedModel.STEPS} steps "
+          f"per model (the last one timed)")
     with torch.inference_mode():
         result = common.alternate(
             {name: (lambda m=m: m.run(session, frames, size)) for name, m in models.items()}, rounds, device=device)
     unet_rounds = common.Rounds(times={name: m.unet_seconds for name, m in models.items()}, loads=result.loads,
                                 orders=result.orders)
     return {
-        "frames": frames, "latent": size, "cfg": 2.0, "steps": 1,
+        "frames": frames, "latent": size, "cfg": 2.0, "steps": TimedModel.STEPS, "timed_step": "last",
         "unet": unet_rounds.as_json(), "sampler": result.as_json(),
         "unet_ratio": unet_rounds.ratio("ours", "plain"), "sampler_ratio": result.ratio("ours", "plain"),
         "flops": {name: m.flops for name, m in models.items()},
