@@ -38,7 +38,7 @@ ATTENTION = {"pytorch": ["--use-pytorch-cross-attention"], "comfy-cpu-default": 
 
 
 def base_arguments(description: str) -> argparse.ArgumentParser:
-    """Options every benchmark takes: --device, --rounds, --threads, --out."""
+    """Options every benchmark takes: --device, --rounds, --threads, --out, --attention."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: fp32, process CPU time; cuda: fp16, wall time with synchronize")
