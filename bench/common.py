@@ -261,11 +261,17 @@ def machine(device: str = "cpu") -> dict[str, Any]:
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "comfyui": str(PATHS["comfyui"]), "device": device,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    if "comfy.ldm.modules.attention" in sys.modules:  # ComfyUI picks its attention at import
-        info["comfy_attention"] = sys.modules["comfy.ldm.modules.attention"].optimized_attention.__name__
+    if comfy_attention():
+        info["comfy_attention"] = comfy_attention()
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def comfy_attention() -> str | None:
+    """The attention function ComfyUI picked (at import) in this process; None before ComfyUI runs."""
+    module = sys.modules.get("comfy.ldm.modules.attention")
+    return module.optimized_attention.__name__ if module else None
 
 
 def contended(loads: Sequence[float], cores: int | None = None) -> bool:

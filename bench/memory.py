@@ -109,7 +109,7 @@ def child(frames: int, windows: bool, adapter: bool, latent: int, device: str, a
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "unet_call_batches": batches, "sample_wall_s": wall, "sample_cpu_s": cpu,
             "load_average_1min": common.load_average(),
-            "adapter_bytes": sizes, "comfy_attention": common.machine(device)["comfy_attention"]}
+            "adapter_bytes": sizes, "comfy_attention": common.comfy_attention()}
 
 
 CONFIGS = [(frames, windows, True) for windows in (True, False) for frames in (16, 32, 64)]
