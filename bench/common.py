@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -207,6 +208,33 @@ def timed(fn: Callable[[], Any], device: str = "cpu") -> tuple[Any, float]:
     start = time.process_time()
     result = fn()
     return result, time.process_time() - start
+
+
+@dataclass(frozen=True)
+class Usage:
+    """CPU time split into user and system, and minor page faults, of this process (getrusage)."""
+
+    user: float
+    system: float
+    minor_faults: int
+
+    @classmethod
+    def now(cls) -> "Usage":
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(r.ru_utime, r.ru_stime, r.ru_minflt)
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(self.user + other.user, self.system + other.system, self.minor_faults + other.minor_faults)
+
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(self.user - other.user, self.system - other.system, self.minor_faults - other.minor_faults)
+
+
+def used(fn: Callable[[], Any]) -> tuple[Any, Usage]:
+    """fn()'s result and the user time, system time and minor page faults it took."""
+    start = Usage.now()
+    result = fn()
+    return result, Usage.now() - start
 
 
 def cpu_seconds(fn: Callable[[], Any], device: str = "cpu") -> float:

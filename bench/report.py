@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -81,29 +82,57 @@ def attention_section(data: dict, summary: list) -> str:
                      "load 1 min"], rows))
 
 
+def median_of(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def step_section(files: list[dict], summary: list) -> str:
     parts = ["### 2. Whole sampling step"]
     for data in files:
-        rows = []
+        rows, paired_rows = [], []
         for r in data["results"]:
-            stats = r["unet"]["stats"]
+            stats, usage = r["unet"]["stats"], r.get("unet_usage", {})
             for name in ("plain", "ours"):
                 calls = sorted({"+".join(map(str, c)) for c in r["unet_call_batches"][name]})
+                split = usage.get(name)
                 rows.append([f"{r['latent']}x{r['latent']}, {r['frames']} frames", name, " or ".join(calls),
                              f"{stats[name]['median']:.2f} ({stats[name]['min']:.2f}-{stats[name]['max']:.2f})",
+                             f"{median_of(split['user']):.2f} / {median_of(split['system']):.2f}" if split else "-",
+                             f"{median_of(split['minor_faults']) / 1e6:.2f}" if split else "-",
                              "1" if name == "plain" else ratio(r["unet_ratio"]),
                              "1" if name == "plain" else ratio(r["sampler_ratio"]),
                              f"{r['flops'][name] / 1e12:.3f}",
                              "1" if name == "plain" else f"{r['flop_floor']:.5f}",
                              loads(r["unet"]["load_average_1min"])])
             step = r["unet_ratio"]["median"]
-            summary.append([f"one sampling step (UNet), {r['latent']}x{r['latent']} latent, {r['frames']} frames",
+            summary.append([f"one sampling step (UNet), {r['latent']}x{r['latent']} latent, {r['frames']} frames: "
+                            "adapter's model vs plain model",
                             f"{ratio(r['unet_ratio'])} plain; FLOP floor {r['flop_floor']:.5f}x",
-                            verdict(step, GOALS["step"]),
+                            verdict(step, GOALS["step"]), "yes" if r["contended"] else "no"])
+            if "paired" not in r:
+                continue
+            paired = r["paired"]
+            for name in ("face off", "face on"):
+                s_, u = paired["stats"][name], paired["usage"][name]
+                paired_rows.append([f"{r['latent']}x{r['latent']}, {r['frames']} frames", name,
+                                    f"{s_['median']:.2f} ({s_['min']:.2f}-{s_['max']:.2f})",
+                                    f"{median_of(u['user']):.2f} / {median_of(u['system']):.2f}",
+                                    f"{median_of(u['minor_faults']) / 1e6:.2f}",
+                                    "1" if name == "face off" else ratio(paired["ratio"])])
+            summary.append([f"one sampling step (UNet), {r['latent']}x{r['latent']} latent, {r['frames']} frames: "
+                            "the same call(s) with vs without the face branch",
+                            ratio(paired["ratio"]), verdict(paired["ratio"]["median"], GOALS["step"]),
                             "yes" if r["contended"] else "no"])
-        parts.append(header(data) + "\n\n" + table(
-            ["latent", "model", "UNet calls (batch)", "UNet CPU s median (min-max)", "UNet vs plain",
-             "whole KSampler call vs plain", "TFLOP", "FLOP floor", "load 1 min"], rows))
+        text = header(data) + "\n\n" + table(
+            ["latent", "model", "UNet calls (batch)", "UNet CPU s median (min-max)", "user / system s",
+             "minor faults (M)", "UNet vs plain", "whole KSampler call vs plain", "TFLOP", "FLOP floor", "load 1 min"],
+            rows)
+        if paired_rows:
+            text += ("\n\nThe adapter's UNet call(s) of the same step, made twice back to back (alternating order): "
+                     "with the face branch and with the attn2 patches left out (same merged weights, same input).\n\n"
+                     + table(["latent", "face branch", "UNet CPU s median (min-max)", "user / system s",
+                              "minor faults (M)", "on vs off"], paired_rows))
+        parts.append(text)
     return "\n\n".join(parts)
 
 

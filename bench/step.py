@@ -2,13 +2,19 @@
 ApplyFaceAdapter (8 frames, cfg 2, so the UNet sees a batch of 2 x 8).
 
 Each round runs `nodes.common_ksampler` (what KSampler runs) for 2 euler steps on each model,
-the order rotated, and keeps two times:
+the order rotated, and keeps three measurements:
 - unet: the model call(s) of the second step, timed inside ComfyUI's model_function_wrapper:
   the per-step cost in a sampling run. The first step is not kept: switching models makes
   ComfyUI patch (or restore) the merged LoRA weights, after which the next UNet call takes
   more page faults (measured at 32x32: 0.4-1.7 million, 0.7-4.5 s of system time, for the
   adapter's first step against 0.3-0.4 million, 0.5-0.7 s, for plain's), which a user sampling
-  many steps pays once per run, not per step;
+  many steps pays once per run, not per step. User time, system time and minor page faults of
+  the kept step are recorded beside its CPU time;
+- paired: in the adapter's run, each UNet call of the second step is made twice, with the face
+  branch and without it (the attn2 patches left out of that call's transformer_options; same
+  merged weights, same input), back to back in alternating order. The two models' steps are a
+  minute and a weight patch apart, and the same step varies by more than the 1% goal between
+  rounds; these two calls differ only by the face branch and are seconds apart;
 - sampler: the whole common_ksampler call, per-run work included (patching, both steps).
 The FLOP floor is counted with torch.utils.flop_counter on the warm-up run's second step.
 
@@ -18,7 +24,19 @@ from __future__ import annotations
 
 import common  # noqa: I001  (sets up sys.path for the test bed)
 
+import dataclasses
+
 import torch
+
+
+def without_face_branch(c: dict) -> dict:
+    """A UNet call's keyword arguments with the attn2 replace patches (the face branch) left out."""
+    options = c["transformer_options"]
+    replace = options.get("patches_replace", {})
+    if "attn2" not in replace:
+        raise RuntimeError("this UNet call carries no attn2 patches: nothing to pair against")
+    others = {kind: patches for kind, patches in replace.items() if kind != "attn2"}
+    return {**c, "transformer_options": {**options, "patches_replace": others}}
 
 
 class TimedModel:
@@ -27,49 +45,88 @@ class TimedModel:
     ComfyUI batches cond and uncond into one UNet call when it thinks memory allows, else it
     makes one call per chunk (on CPU it asks how much RAM is free, which changes with whatever
     else runs on the machine); the calls of the kept step are summed, and their batch sizes kept.
+    With `paired`, the kept step's calls are also timed without the face branch (see the module).
     """
 
     STEPS = 2  # sampled per run; only the last one is kept
 
-    def __init__(self, model, device: str) -> None:
+    def __init__(self, model, device: str, paired: bool = False) -> None:
         self.unet_seconds: list[float] = []
+        self.usage: list[common.Usage] = []  # CPU only: user/system time and page faults of the kept step
         self.batches: list[list[int]] = []
+        self.paired_seconds: dict[str, list[float]] | None = {"face on": [], "face off": []} if paired else None
+        self.paired_usage: dict[str, list[common.Usage]] = {"face on": [], "face off": []}
+        self.paired_orders: list[list[str]] = []
         self.flops: int | None = None
         self.device = device
         self.model = model.clone()
         self.model.set_model_unet_function_wrapper(self.wrapper)
-        self._calls: list[tuple[float, int, float]] = []  # (timestep, batch, seconds or FLOPs)
+        self._calls: list[tuple[int, int, float, common.Usage]] = []  # (step, batch, seconds or FLOPs, usage)
+        self._paired_calls: dict[str, list[tuple[float, common.Usage]]] = {}
+        self._timesteps: list[float] = []
+        self._paired_order: list[str] = []
+        self._runs = 0
         self._counting = False
 
-    def wrapper(self, apply_model, args):
-        def call():
-            return apply_model(args["input"], args["timestep"], **args["c"])
+    def timed(self, fn) -> tuple[object, float, common.Usage]:
+        """fn()'s result, its time (CPU or, on CUDA, synchronised wall) and its usage."""
+        (out, seconds), usage = common.used(lambda: common.timed(fn, self.device))
+        return out, seconds, usage
 
+    def wrapper(self, apply_model, args):
+        def call(c=args["c"]):
+            return apply_model(args["input"], args["timestep"], **c)
+
+        timestep = float(args["timestep"].flatten()[0])
+        if timestep not in self._timesteps:
+            self._timesteps.append(timestep)
+        step = self._timesteps.index(timestep)
         if self._counting:  # the warm-up run: count, do not time
             with common.flop_counter() as counter:
                 out = call()
-            amount = counter.get_total_flops()
-        else:
-            out, amount = common.timed(call, self.device)
-        self._calls.append((float(args["timestep"].flatten()[0]), int(args["input"].shape[0]), amount))
-        return out
+            self._calls.append((step, int(args["input"].shape[0]), counter.get_total_flops(), common.Usage(0, 0, 0)))
+            return out
+        if self.paired_seconds is None or step != self.STEPS - 1:
+            out, seconds, usage = self.timed(call)
+            self._calls.append((step, int(args["input"].shape[0]), seconds, usage))
+            return out
+        variants = {"face on": call, "face off": lambda: call(without_face_branch(args["c"]))}
+        order = list(variants) if self._runs % 2 else list(variants)[::-1]
+        self._paired_order = order
+        results = {}
+        for name in order:
+            results[name], seconds, usage = self.timed(variants[name])
+            self._paired_calls.setdefault(name, []).append((seconds, usage))
+        self._calls.append((step, int(args["input"].shape[0]), *self._paired_calls["face on"][-1]))
+        return results["face on"]
 
     def run(self, session: common.Session, frames: int, size: int) -> None:
         """One sampling run; the first run counts FLOPs instead of timing."""
-        self._calls = []
+        self._calls, self._paired_calls, self._timesteps = [], {}, []
         self._counting = self.flops is None
         common.sample(session, self.model, frames=frames, size=size * 8, steps=self.STEPS, cfg=2.0)
-        last_step = [c for c in self._calls if c[0] == self._calls[-1][0]]
+        last_step = [c for c in self._calls if c[0] == self.STEPS - 1]
         if self._counting:
             self.flops, self._counting = sum(c[2] for c in last_step), False
-        else:
-            self.unet_seconds.append(sum(c[2] for c in last_step))
-            self.batches.append([c[1] for c in last_step])
+            return
+        self._runs += 1
+        self.unet_seconds.append(sum(c[2] for c in last_step))
+        self.usage.append(sum((c[3] for c in last_step), common.Usage(0, 0, 0)))
+        self.batches.append([c[1] for c in last_step])
+        if self.paired_seconds is not None:
+            self.paired_orders.append(self._paired_order)
+            for name, calls in self._paired_calls.items():
+                self.paired_seconds[name].append(sum(seconds for seconds, _ in calls))
+                self.paired_usage[name].append(sum((usage for _, usage in calls), common.Usage(0, 0, 0)))
+
+
+def usage_json(usages: list[common.Usage]) -> dict[str, list]:
+    return {field.name: [getattr(u, field.name) for u in usages] for field in dataclasses.fields(common.Usage)}
 
 
 def measure(session: common.Session, unet, ida, embeds, frames: int, size: int, rounds: int, device: str) -> dict:
     models = {"plain": TimedModel(unet, device),
-              "ours": TimedModel(common.apply_adapter(session, unet, ida, embeds, weight=0.8), device)}
+              "ours": TimedModel(common.apply_adapter(session, unet, ida, embeds, weight=0.8), device, paired=True)}
     print(f"\n{frames} frames x cond/uncond, {size}x{size} latent: {rounds} rounds of {TimedModel.STEPS} steps "
           f"per model (the last one timed)")
     with torch.inference_mode():
@@ -77,10 +134,15 @@ def measure(session: common.Session, unet, ida, embeds, frames: int, size: int, 
             {name: (lambda m=m: m.run(session, frames, size)) for name, m in models.items()}, rounds, device=device)
     unet_rounds = common.Rounds(times={name: m.unet_seconds for name, m in models.items()}, loads=result.loads,
                                 orders=result.orders)
+    ours = models["ours"]
+    paired = common.Rounds(times=ours.paired_seconds, loads=result.loads, orders=ours.paired_orders)
     return {
         "frames": frames, "latent": size, "cfg": 2.0, "steps": TimedModel.STEPS, "timed_step": "last",
         "unet": unet_rounds.as_json(), "sampler": result.as_json(),
         "unet_ratio": unet_rounds.ratio("ours", "plain"), "sampler_ratio": result.ratio("ours", "plain"),
+        "unet_usage": {name: usage_json(m.usage) for name, m in models.items()},
+        "paired": {**paired.as_json(), "ratio": paired.ratio("face on", "face off"),
+                   "usage": {name: usage_json(u) for name, u in ours.paired_usage.items()}},
         "flops": {name: m.flops for name, m in models.items()},
         "unet_call_batches": {name: m.batches for name, m in models.items()},
         "flop_floor": models["ours"].flops / models["plain"].flops,
@@ -112,6 +174,12 @@ def main() -> None:
     common.print_table(f"One sampling step ({args.frames} frames, cfg 2, {args.device}, {args.threads} thread(s), "
                        f"CPU seconds)", ["latent", "model", "unet batches", "unet s", "min-max", "unet ratio", "sampler s",
                                           "sampler ratio", "TFLOP", "FLOP floor", "load 1min"], rows)
+    common.print_table("The adapter's UNet call(s) of one step with and without the face branch, back to back",
+                       ["latent", "face branch", "unet s", "min-max", "ratio"],
+                       [[f"{r['latent']}x{r['latent']}", name, r["paired"]["stats"][name]["median"],
+                         f"{r['paired']['stats'][name]['min']:.2f}-{r['paired']['stats'][name]['max']:.2f}",
+                         "1" if name == "face off" else common.fmt_ratio(r["paired"]["ratio"])]
+                        for r in results for name in ("face off", "face on")])
     name = f"step-{'-'.join(f'{n}x{n}' for n in args.latents)}-{args.frames}f"
     common.write_json(name, {"machine": common.machine(args.device), "results": results}, args.out, args.device)
 
