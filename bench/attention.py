@@ -116,6 +116,7 @@ def measure(session: common.Session, unet, ida, embeds, frames: int, size: int, 
 
 
 def main() -> None:
+    common.keep_freed_memory()
     args = common.video_arguments(__doc__.splitlines()[0]).parse_args()
     session = common.start_comfy(args.device, args.attention)
     unet, ida, embeds = common.load_identity(session)

@@ -237,6 +237,24 @@ def used(fn: Callable[[], Any]) -> tuple[Any, Usage]:
     return result, Usage.now() - start
 
 
+# glibc gives large freed blocks back to the OS and maps fresh pages on the next UNet call, and
+# how many depends on the allocator's history, not on the variant: 0.1-1.8 million minor faults
+# (0.8-3.4 s of system time) per 32x32, 8-frame step, alike for the same call made twice. Timing
+# benchmarks run with freed memory kept by the allocator, so CPU time is the work's.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34),
+                     "MALLOC_TOP_PAD_": "0"}
+
+
+def keep_freed_memory() -> None:
+    """Restart this script with KEEP_FREED_MEMORY in the environment unless it is already there
+    (glibc reads it at start-up only). Call first thing in a timing benchmark's main()."""
+    if all(os.environ.get(name) == value for name, value in KEEP_FREED_MEMORY.items()):
+        return
+    os.environ.update(KEEP_FREED_MEMORY)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def cpu_seconds(fn: Callable[[], Any], device: str = "cpu") -> float:
     return timed(fn, device)[1]
 
@@ -288,6 +306,7 @@ def machine(device: str = "cpu") -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "comfyui": str(PATHS["comfyui"]), "device": device,
+            "malloc": {name: os.environ.get(name) for name in KEEP_FREED_MEMORY},
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     if comfy_attention():
         info["comfy_attention"] = comfy_attention()

@@ -59,6 +59,7 @@ def header(data: dict) -> str:
     return (f"`{data['command']}`, {m['date']}, {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
             f"torch {m['torch']}, device {m['device']}"
             + (f", ComfyUI attention `{m['comfy_attention']}`" if m.get("comfy_attention") else "")
+            + (", allocator keeping freed memory" if (m.get("malloc") or {}).get("MALLOC_TRIM_THRESHOLD_") else "")
             + f"; load average at the end {m['load_average_1_5_15']}.")
 
 
@@ -82,58 +83,64 @@ def attention_section(data: dict, summary: list) -> str:
                      "load 1 min"], rows))
 
 
-def median_of(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def step_section(files: list[dict], summary: list) -> str:
     parts = ["### 2. Whole sampling step"]
     for data in files:
-        rows, paired_rows = [], []
+        rows, paired_rows, pair_rows = [], [], []
         for r in data["results"]:
-            stats, usage = r["unet"]["stats"], r.get("unet_usage", {})
+            where = f"{r['latent']}x{r['latent']}, {r['frames']} frames"
+            stats, usage = r["unet"]["stats"], r["unet_usage"]
             for name in ("plain", "ours"):
                 calls = sorted({"+".join(map(str, c)) for c in r["unet_call_batches"][name]})
-                split = usage.get(name)
-                rows.append([f"{r['latent']}x{r['latent']}, {r['frames']} frames", name, " or ".join(calls),
+                rows.append([where, name, " or ".join(calls),
                              f"{stats[name]['median']:.2f} ({stats[name]['min']:.2f}-{stats[name]['max']:.2f})",
-                             f"{median_of(split['user']):.2f} / {median_of(split['system']):.2f}" if split else "-",
-                             f"{median_of(split['minor_faults']) / 1e6:.2f}" if split else "-",
+                             split_time(usage[name]), f"{statistics.median(usage[name]['minor_faults']) / 1e6:.2f}",
                              "1" if name == "plain" else ratio(r["unet_ratio"]),
                              "1" if name == "plain" else ratio(r["sampler_ratio"]),
                              f"{r['flops'][name] / 1e12:.3f}",
                              "1" if name == "plain" else f"{r['flop_floor']:.5f}",
                              loads(r["unet"]["load_average_1min"])])
-            step = r["unet_ratio"]["median"]
-            summary.append([f"one sampling step (UNet), {r['latent']}x{r['latent']} latent, {r['frames']} frames: "
-                            "adapter's model vs plain model",
-                            f"{ratio(r['unet_ratio'])} plain; FLOP floor {r['flop_floor']:.5f}x",
-                            verdict(step, GOALS["step"]), "yes" if r["contended"] else "no"])
-            if "paired" not in r:
-                continue
             paired = r["paired"]
             for name in ("face off", "face on"):
                 s_, u = paired["stats"][name], paired["usage"][name]
-                paired_rows.append([f"{r['latent']}x{r['latent']}, {r['frames']} frames", name,
-                                    f"{s_['median']:.2f} ({s_['min']:.2f}-{s_['max']:.2f})",
-                                    f"{median_of(u['user']):.2f} / {median_of(u['system']):.2f}",
-                                    f"{median_of(u['minor_faults']) / 1e6:.2f}",
+                paired_rows.append([where, name, f"{s_['median']:.2f} ({s_['min']:.2f}-{s_['max']:.2f})",
+                                    split_time(u), f"{statistics.median(u['minor_faults']) / 1e6:.2f}",
                                     "1" if name == "face off" else ratio(paired["ratio"])])
-            summary.append([f"one sampling step (UNet), {r['latent']}x{r['latent']} latent, {r['frames']} frames: "
-                            "the same call(s) with vs without the face branch",
-                            ratio(paired["ratio"]), verdict(paired["ratio"]["median"], GOALS["step"]),
-                            "yes" if r["contended"] else "no"])
-        text = header(data) + "\n\n" + table(
-            ["latent", "model", "UNet calls (batch)", "UNet CPU s median (min-max)", "user / system s",
-             "minor faults (M)", "UNet vs plain", "whole KSampler call vs plain", "TFLOP", "FLOP floor", "load 1 min"],
-            rows)
-        if paired_rows:
-            text += ("\n\nThe adapter's UNet call(s) of the same step, made twice back to back (alternating order): "
-                     "with the face branch and with the attn2 patches left out (same merged weights, same input).\n\n"
-                     + table(["latent", "face branch", "UNet CPU s median (min-max)", "user / system s",
-                              "minor faults (M)", "on vs off"], paired_rows))
-        parts.append(text)
+            pairs = r["attn2_pairs"]
+            pair_rows.append([where, pairs["calls"][0],
+                              f"{statistics.median(pairs['seconds']['patch']):.3f}",
+                              f"{statistics.median(pairs['seconds']['plain']):.3f}",
+                              ratio(pairs["step_estimate"])])
+            contended = "yes" if r["contended"] else "no"
+            step = f"one sampling step, {where}"
+            summary.append([f"{step}: adapter's model vs plain model (UNet calls)",
+                            f"{ratio(r['unet_ratio'])}; FLOP floor {r['flop_floor']:.5f}x",
+                            verdict(r["unet_ratio"]["median"], GOALS["step"]), contended])
+            summary.append([f"{step}: the same UNet call(s) with vs without the face branch",
+                            ratio(paired["ratio"]), verdict(paired["ratio"]["median"], GOALS["step"]), contended])
+            summary.append([f"{step}: face-off step + the face branch's in-step attn2 cost",
+                            ratio(pairs["step_estimate"]), verdict(pairs["step_estimate"]["median"], GOALS["step"]),
+                            contended])
+        parts.append(
+            header(data) + "\n\n"
+            + table(["latent", "model", "UNet calls (batch)", "UNet CPU s median (min-max)", "user / system s",
+                     "minor faults (M)", "UNet vs plain", "whole KSampler call vs plain", "TFLOP", "FLOP floor",
+                     "load 1 min"], rows)
+            + "\n\nThe adapter's UNet call(s) of the same step, made twice back to back (alternating order): "
+              "with the face branch and with the attn2 patches left out (same merged weights, same input).\n\n"
+            + table(["latent", "face branch", "UNet CPU s median (min-max)", "user / system s", "minor faults (M)",
+                     "on vs off"], paired_rows)
+            + "\n\nThe attn2 calls of the adapter's first step, each run as our patch and as ComfyUI's plain "
+              "attention on the same q, k, v, back to back; the estimate is (face-off step + patch - plain) / "
+              "face-off step, per round.\n\n"
+            + table(["latent", "attn2 calls", "patch CPU s (median)", "plain CPU s (median)", "step estimate"],
+                    pair_rows))
     return "\n\n".join(parts)
+
+
+def split_time(usage: dict[str, list]) -> str:
+    """Median user / system seconds."""
+    return f"{statistics.median(usage['user']):.2f} / {statistics.median(usage['system']):.2f}"
 
 
 def memory_section(data: dict, summary: list) -> str:
