@@ -2,19 +2,19 @@
 ApplyFaceAdapter (8 frames, cfg 2, so the UNet sees a batch of 2 x 8).
 
 Each round runs `nodes.common_ksampler` (what KSampler runs) for 2 euler steps on each model,
-the order rotated, and keeps three measurements:
+the order rotated, and keeps four measurements:
 - unet: the model call(s) of the second step, timed inside ComfyUI's model_function_wrapper:
   the per-step cost in a sampling run. The first step is not kept: switching models makes
   ComfyUI patch (or restore) the merged LoRA weights, after which the next UNet call takes
-  more page faults (measured at 32x32: 0.4-1.7 million, 0.7-4.5 s of system time, for the
-  adapter's first step against 0.3-0.4 million, 0.5-0.7 s, for plain's), which a user sampling
-  many steps pays once per run, not per step. User time, system time and minor page faults of
+  more page faults (measured at 32x32 with the default allocator: 0.4-1.7 million, 0.7-4.5 s
+  of system time, for the adapter's first step against 0.3-0.4 million, 0.5-0.7 s, for
+  plain's), which a user sampling many steps pays once per run, not per step. User time, system time and minor page faults of
   the kept step are recorded beside its CPU time;
 - paired: in the adapter's run, each UNet call of the second step is made twice, with the face
   branch and without it (the attn2 patches left out of that call's transformer_options; same
   merged weights, same input), back to back in alternating order. The two models' steps are a
-  minute and a weight patch apart, and the same step varies by more than the 1% goal between
-  rounds; these two calls differ only by the face branch and are seconds apart;
+  minute and a weight patch apart; these two calls differ only by the face branch and are
+  seconds apart;
 - attn2 pairs: in the adapter's first (untimed) step, every attn2 call runs our patch and
   ComfyUI's plain attention (what the layer runs without the patch) on the same q, k, v, back
   to back, order alternating. Their summed difference is the face branch's cost within a real
@@ -23,7 +23,8 @@ the order rotated, and keeps three measurements:
   same kernels on same-shaped tensors (the LoRA is merged into same-shaped weights);
 - sampler: the whole common_ksampler call, per-run work included (patching, both steps), less
   the adapter run's extra work above (the face-off call(s) and the plain attn2 calls).
-The FLOP floor is counted with torch.utils.flop_counter on the warm-up run's second step.
+The FLOP floor is counted with torch.utils.flop_counter on the warm-up run's second step. The
+script restarts itself with the allocator keeping freed memory (common.keep_freed_memory).
 
     python bench/step.py                     # 32x32 and 64x64 latents, 11 rounds
 """
