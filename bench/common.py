@@ -238,7 +238,7 @@ def used(fn: Callable[[], Any]) -> tuple[Any, Usage]:
 
 
 # glibc gives large freed blocks back to the OS and maps fresh pages on the next UNet call, and
-# how many depends on the allocator's history, not on the variant: 0.1-1.8 million minor faults
+# how many depends on the allocator's history, not on the variant: 0.5-1.8 million minor faults
 # (0.8-3.4 s of system time) per 32x32, 8-frame step, alike for the same call made twice. Timing
 # benchmarks run with freed memory kept by the allocator, so CPU time is the work's.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34),

@@ -31,7 +31,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def ratio(r: dict[str, float]) -> str:
-    return f"{r['median']:.3f}x ({r['min']:.2f}-{r['max']:.2f})"
+    return f"{r['median']:.3f}x ({r['min']:.3f}-{r['max']:.3f})"
 
 
 def call_batches(result: dict) -> str:
