@@ -133,12 +133,9 @@ class TimedModel:
                 out = call()
             self._calls.append((step, int(args["input"].shape[0]), counter.get_total_flops(), common.Usage(0, 0, 0)))
             return out
-        if self.paired_seconds is not None and step == 0:
-            out, seconds, usage = self.timed(lambda: call(self._attn2.wrap(args["c"])))
-            self._calls.append((step, int(args["input"].shape[0]), seconds, usage))
-            return out
         if self.paired_seconds is None or step != self.STEPS - 1:
-            out, seconds, usage = self.timed(call)
+            c = self._attn2.wrap(args["c"]) if self.paired_seconds is not None and step == 0 else args["c"]
+            out, seconds, usage = self.timed(lambda: call(c))
             self._calls.append((step, int(args["input"].shape[0]), seconds, usage))
             return out
         variants = {"face on": call, "face off": lambda: call(without_face_branch(args["c"]))}
