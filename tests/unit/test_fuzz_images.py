@@ -194,8 +194,8 @@ def make_photo(spec: dict) -> np.ndarray | torch.Tensor:
     if dtype == "uint8":
         return image
     floats = image.astype(np.float32) / 255.0
-    if spec["special"] is not None:
-        floats.flat[floats.size // 2] = spec["special"]
+    if spec["special"] is not None:  # in a colour channel: an odd value in the dropped alpha is harmless
+        floats[(floats.shape[0] // 2, floats.shape[1] // 2) + (0,) * (floats.ndim - 2)] = spec["special"]
     if dtype.startswith("torch."):
         return torch.from_numpy(floats).to(getattr(torch, dtype.removeprefix("torch.")))
     return floats.astype(dtype)
