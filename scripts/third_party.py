@@ -1,8 +1,8 @@
 """The third-party node packs the shipped workflows use, at pinned, known-good commits.
 
-`ensure_pack` clones a pack into a `custom_nodes/` folder (or moves a clone it made earlier to the
-pinned commit) and installs the pack's Python requirements, if it has any, into the running
-Python. The source is a URL template, `$IDA_PACK_URL` (default `https://github.com/{repo}.git`),
+`ensure_pack` fetches a pack's pinned commit (only that commit, no history) into a `custom_nodes/`
+folder, or moves a checkout it made earlier to a new pin, and installs the pack's Python
+requirements, if it has any, into the running Python. The source is a URL template, `$IDA_PACK_URL` (default `https://github.com/{repo}.git`),
 with the fields `{repo}` (owner/name), `{owner}` and `{name}`, e.g. a local mirror:
 
     IDA_PACK_URL='file:///srv/git/{name}.git' scripts/run
@@ -60,10 +60,10 @@ def url_template() -> str:
 
 def _git(*args: str, cwd: Path | None = None, log: TextIO) -> subprocess.CompletedProcess:
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0")  # never wait for a password on stdin
-    log.write(f"$ git {' '.join(args)}\n")
-    log.flush()
-    return subprocess.run(["git", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                          stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(["git", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log.write(f"$ git {' '.join(args)}\n{result.stdout}")
+    return result
 
 
 def _output(*args: str, cwd: Path) -> str:
@@ -83,25 +83,27 @@ def ensure_pack(pack: Pack, custom_nodes: Path, template: str, log: TextIO = sys
             head = _output("rev-parse", "HEAD", cwd=dest)
             note = "" if head == pack.commit else f" (tested with commit {pack.commit}; this one is {head or 'not a git checkout'})"
             return PackState(pack, dest, True, f"{pack.title}: using your own {dest}{note}")
-        if _output("rev-parse", "HEAD", cwd=dest) != pack.commit:
-            if _git("cat-file", "-e", f"{pack.commit}^{{commit}}", cwd=dest, log=log).returncode != 0:
-                if _git("fetch", "--quiet", url, cwd=dest, log=log).returncode != 0:
-                    return PackState(pack, dest, False, f"{pack.title}: cannot fetch {url}. {advice}")
-            if _git("checkout", "--quiet", "--detach", pack.commit, cwd=dest, log=log).returncode != 0:
-                return PackState(pack, dest, False, f"{pack.title}: cannot check out {pack.commit} in {dest}.")
+        if _output("rev-parse", "HEAD", cwd=dest) != pack.commit and not _fetch_commit(pack, url, dest, log):
+            return PackState(pack, dest, False, f"{pack.title}: cannot fetch {pack.commit} from {url}. {advice}")
     else:
         staging = custom_nodes / f".{pack.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         custom_nodes.mkdir(parents=True, exist_ok=True)
-        if _git("clone", "--quiet", "--no-checkout", url, str(staging), log=log).returncode != 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            return PackState(pack, dest, False, f"{pack.title}: cannot clone {url}. {advice}")
-        if _git("checkout", "--quiet", "--detach", pack.commit, cwd=staging, log=log).returncode != 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            return PackState(pack, dest, False, f"{pack.title}: {url} has no commit {pack.commit}. {advice}")
+        _git("init", "--quiet", str(staging), log=log)
+        _git("remote", "add", "origin", url, cwd=staging, log=log)
         _git("config", MANAGED, "true", cwd=staging, log=log)
+        if not _fetch_commit(pack, url, staging, log):
+            shutil.rmtree(staging, ignore_errors=True)
+            return PackState(pack, dest, False, f"{pack.title}: cannot fetch {pack.commit} from {url}. {advice}")
         staging.rename(dest)  # ComfyUI never sees a half-made pack
     return _install_requirements(pack, dest, log)
+
+
+def _fetch_commit(pack: Pack, url: str, checkout: Path, log: TextIO) -> bool:
+    """Fetch only the pinned commit (no history) and check it out."""
+    if _git("fetch", "--quiet", "--depth", "1", url, pack.commit, cwd=checkout, log=log).returncode != 0:
+        return False
+    return _git("checkout", "--quiet", "--detach", "FETCH_HEAD", cwd=checkout, log=log).returncode == 0
 
 
 def _install_requirements(pack: Pack, dest: Path, log: TextIO) -> PackState:
@@ -110,11 +112,11 @@ def _install_requirements(pack: Pack, dest: Path, log: TextIO) -> PackState:
         return PackState(pack, dest, True, f"{pack.title}: {dest} at {pack.commit[:12]}")
     digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
     if _output("config", "--get", REQUIREMENTS, cwd=dest) != digest:
-        log.write(f"$ pip install -r {requirements}\n")
-        log.flush()
-        code = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-r",
-                               str(requirements)], stdin=subprocess.DEVNULL, stdout=log,
-                              stderr=subprocess.STDOUT).returncode
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-r",
+                                 str(requirements)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        log.write(f"$ pip install -r {requirements}\n{result.stdout}")
+        code = result.returncode
         if code != 0:
             return PackState(pack, dest, False, f"{pack.title}: installing {requirements} failed (pip exit {code}); "
                              "the pack is in place but may not import. Check PyPI access and start again.")
