@@ -169,7 +169,7 @@ def main() -> None:
                         action="append", default=[])
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".bootstrap.lock", "w") as lock:
+    with open(CACHE / ".bootstrap.lock", "a") as lock:  # "a": a second run changes nothing
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test runs wait for one build
         comfyui = fetch_sdist(*COMFY_SDIST)
         venv = ensure_venv(comfyui)

@@ -64,8 +64,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, suite))
     # Suites in SUITES order (fast ones first), browser last: Playwright's sync API keeps an event
     # loop running in this thread while a page is open, and the in-process ComfyUI cannot start its
-    # own loop under it.
-    items.sort(key=lambda item: SUITES.index(_suite(item)) if _suite(item) else len(SUITES))
+    # own loop under it. Within a suite, tests of the in-process ComfyUI come before those of the
+    # HTTP one, so each can be released after its last test (tests/integration/conftest.py).
+    def order(item) -> tuple[int, int]:
+        suite = SUITES.index(_suite(item)) if _suite(item) else len(SUITES)
+        names = item.fixturenames
+        return suite, 0 if "comfy" in names else 1 if "http_comfy" in names else 2
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")

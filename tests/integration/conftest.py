@@ -1,15 +1,20 @@
 """Fixtures for tests inside a real ComfyUI 0.30.0: generated models, a base folder with this
-pack installed, an in-process executor and an HTTP server."""
+pack installed, an in-process executor and an HTTP server.
+
+Memory (a 16 GB machine must run the whole suite): tests that use the in-process ComfyUI run
+first, then those that use the HTTP server, and each is released right after its last test, so at
+most one ComfyUI holds models at any time."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from support.harness import InProcessComfy, make_base, serving
+from support.harness import InProcessComfy, OnDemandServer, make_base
 from support import models, photos
 
 REPO = Path(__file__).resolve().parents[2]
+RELEASED_AFTER_LAST_USE = ("comfy", "http_comfy")
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +37,15 @@ def comfy(comfyui_dir, comfy_base) -> InProcessComfy:
 
 @pytest.fixture(scope="session")
 def http_comfy(comfyui_dir, comfy_base, request):
-    with serving(comfyui_dir, comfy_base, lambda: request.session.testsfailed,
-                 comfy_base.parent / "comfyui-failed.log") as server:
-        yield server
+    server = OnDemandServer(comfyui_dir, comfy_base, lambda: request.session.testsfailed,
+                            comfy_base.parent / "comfyui-failed.log")
+    yield server
+    server.release()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    for name in RELEASED_AFTER_LAST_USE:
+        if name in item.fixturenames and (nextitem is None or name not in nextitem.fixturenames):
+            holder = item.funcargs.get(name)
+            if holder is not None:
+                holder.release()

@@ -128,9 +128,7 @@ def test_served_as_templates_with_thumbnails(server):
 def test_id_image_runs_to_an_image(server, object_info, comfy_base):
     workflow = workflow_bed.load("id_image")
     prompt = workflow_bed.ui_to_api(workflow, object_info)
-    by_type = {node["class_type"]: node for node in prompt.values()}
-    by_type["EmptyLatentImage"]["inputs"].update(width=workflow_bed.CI_SIZE, height=workflow_bed.CI_SIZE)
-    by_type["KSampler"]["inputs"]["steps"] = workflow_bed.CI_STEPS
+    workflow_bed.shrink("id_image", prompt)
     history = server.run(prompt, timeout=600)
     assert history["status"]["status_str"] == "success", history["status"]
     save_id = next(i for i, node in prompt.items() if node["class_type"] == "SaveImage")

@@ -69,7 +69,8 @@ class _StubServer:
 
 
 class InProcessComfy:
-    """ComfyUI imported into this process, custom nodes loaded from `base`."""
+    """ComfyUI imported into this process, custom nodes loaded from `base`. `release()` frees its
+    models and cached outputs (ComfyUI's modules stay imported); a later `run` reloads them."""
 
     def __init__(self, comfyui_dir: Path, base: Path) -> None:
         self.loop = asyncio.new_event_loop()
@@ -92,11 +93,27 @@ class InProcessComfy:
         self.import_failed = self.loop.run_until_complete(
             nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
         self.server = _StubServer()
-        self.executor = execution.PromptExecutor(
-            self.server, cache_type=execution.CacheType.CLASSIC,
-            cache_args={"lru": 0, "ram": 2.0, "ram_inactive": 8.0})
+        self.executor = self._new_executor()
+
+    def _new_executor(self):
+        return self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC,
+                                             cache_args={"lru": 0, "ram": 2.0, "ram_inactive": 8.0})
+
+    def release(self) -> None:
+        import gc
+
+        import comfy.model_management
+
+        self.executor = None  # its output cache holds the loaded models
+        comfy.model_management.unload_all_models()
+        gc.collect()
+        comfy.model_management.cleanup_models_gc()
+        gc.collect()
+        return_freed_memory()
 
     def run(self, prompt: dict[str, Any]) -> RunResult:
+        if self.executor is None:
+            self.executor = self._new_executor()
         prompt_id = str(uuid.uuid4())
         ok, error, outputs, node_errors = self.loop.run_until_complete(
             self.execution.validate_prompt(prompt_id, prompt, None))
@@ -108,6 +125,17 @@ class InProcessComfy:
         err = next((d for e, d in messages if e == "execution_error"), None)
         return RunResult(self.executor.success, self.executor.history_result.get("outputs", {}),
                          messages, {}, err)
+
+
+def return_freed_memory() -> None:
+    """Give freed heap pages back to the system (glibc keeps them otherwise), so a later suite's
+    ComfyUI does not start on top of this one's peak."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def free_port() -> int:
@@ -129,6 +157,27 @@ def serving(comfyui_dir: Path, base: Path, keep_log: Callable[[], bool], kept: P
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(server.log_path, kept)
             print(f"\nComfyUI log kept at {kept}")
+
+
+class OnDemandServer:
+    """An HTTP ComfyUI started on first use and stopped by `release()` (after its last test, so
+    that the next suite's ComfyUI does not run beside it); used again, it starts again."""
+
+    def __init__(self, comfyui_dir: Path, base: Path, keep_log: Callable[[], bool], kept: Path) -> None:
+        self._args = (comfyui_dir, base, keep_log, kept)
+        self._running: contextlib.ExitStack | None = None
+        self._server: HttpComfy | None = None
+
+    def __getattr__(self, name: str) -> Any:  # url, get, post, run, wait, log, ...
+        if self._server is None:
+            self._running = contextlib.ExitStack()
+            self._server = self._running.enter_context(serving(*self._args))
+        return getattr(self._server, name)
+
+    def release(self) -> None:
+        if self._running is not None:
+            self._running.close()
+        self._running = self._server = None
 
 
 class HttpComfy:

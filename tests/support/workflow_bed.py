@@ -1,9 +1,9 @@
 """The shipped workflows and their test bed.
 
 `add_workflow_files` gives a ComfyUI base folder every model and input file the workflows name,
-as links to the generated random models and public-domain photos, so that the workflows load
-without missing-file marks and `id_image` runs as shipped (only its size and steps are lowered).
-Motion modules and ControlNets are empty stand-ins: their nodes are not installed in tests.
+as links to the generated full-size random models (motion modules and ControlNets included,
+generated under the workflows' own file names) and public-domain photos, so that the workflows
+load without missing-file marks and run as shipped, only shrunk (`shrink`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ STAND_INS = {  # models folder -> (test-bed folder, file) of the generated model
     "insightface/models": ("insightface", "models/scrfd"),
 }
 INPUT_STAND_INS = {"person_a.png": photos.ASTRONAUT, "person_b.png": photos.NEWTON, "keyframe.png": photos.NO_FACE}
-CI_SIZE, CI_STEPS = 64, 2  # id_image in CI: the shipped graph at a size a CPU renders in seconds
+CI_SIZE, CI_STEPS = 64, 2  # the shipped graphs at a size a CPU renders in seconds
+CI_FRAMES = 4
+# id_long_video keeps more frames than its 16-frame context window, so that windows really slide.
+CI_FRAMES_BY_WORKFLOW = {"id_image": 1, "id_long_video": 20}
 
 
 def add_workflow_files(base: Path, model_files: dict[str, dict[str, Path]]) -> list[Path]:
@@ -41,12 +44,9 @@ def add_workflow_files(base: Path, model_files: dict[str, dict[str, Path]]) -> l
             continue
         created.append(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if model.folder in STAND_INS:
-            folder, name = STAND_INS[model.folder]
-            target = model_files[folder][name]
-            dest.symlink_to(target, target_is_directory=target.is_dir())
-        else:
-            dest.touch()
+        folder, name = STAND_INS.get(model.folder, (model.folder, model.name))
+        target = model_files[folder][name]
+        dest.symlink_to(target, target_is_directory=target.is_dir())
     for name in workflow_spec.INPUTS:
         dest = base / "input" / name
         if dest.exists() or dest.is_symlink():
@@ -84,6 +84,24 @@ def expected_widgets(name: str) -> dict[int, dict[str, Any]]:
     for node_id, node in enumerate(spec(name).nodes.values(), start=1):
         out[node_id] = {k: v for k, v in node.inputs.items() if not isinstance(v, workflow_spec.Out)}
     return out
+
+
+def ci_frames(name: str) -> int:
+    return CI_FRAMES_BY_WORKFLOW.get(name, CI_FRAMES)
+
+
+def shrink(name: str, prompt: dict[str, Any]) -> dict[str, Any]:
+    """The API prompt with tiny latents, few frames and CI_STEPS steps; nothing else changed. Returns
+    {node id: {input: (shipped, shrunk)}} so a test can show exactly what it changed."""
+    frames = ci_frames(name)
+    targets = {"EmptyLatentImage": {"width": CI_SIZE, "height": CI_SIZE, "batch_size": frames},
+               "KSampler": {"steps": CI_STEPS}, "ImageFromBatch": {"length": frames}}
+    changed = {}
+    for node_id, node in prompt.items():
+        for key, value in targets.get(node["class_type"], {}).items():
+            changed.setdefault(node_id, {})[key] = (node["inputs"][key], value)
+            node["inputs"][key] = value
+    return changed
 
 
 def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""Every shipped workflow runs end to end as a user runs it: the file dropped on the real frontend,
+turned into a prompt by the frontend itself (`app.graphToPrompt`), shrunk for the CPU (tiny
+latents, few frames, two steps; nothing else changed) and executed by real ComfyUI with the real
+AnimateDiff-Evolved and Advanced-ControlNet at the pinned commits, on full-size random weights
+under the file names the workflows use. Each must write its video or image.
+
+Skips, saying how to provide them, when the third-party packs cannot be had (support/packs.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from support import models, packs, photos, workflow_bed
+from support.harness import make_base
+from support.workflow_bed import make_workflows, workflow_spec
+
+NAMES = workflow_bed.workflow_names()
+REPO = Path(__file__).resolve().parents[2]
+
+DROP = """async ([name, text]) => {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([text], name, {type: 'application/json'}));
+    const canvas = document.querySelector('#graph-canvas, canvas.graph-canvas');
+    const box = canvas.getBoundingClientRect();
+    for (const type of ['dragenter', 'dragover', 'drop']) {
+        canvas.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true,
+                                                  clientX: box.x + box.width / 2, clientY: box.y + box.height / 2}));
+    }
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser_base(chromium, tmp_path_factory, cache_dir, comfyui_dir, scrfd_dir) -> Path:
+    """The browser suite's base plus AnimateDiff-Evolved and Advanced-ControlNet (overrides conftest's)."""
+    checkouts = packs.pack_checkouts(cache_dir)
+    model_files = models.ensure_models(cache_dir, comfyui_dir, scrfd_dir)
+    base = make_base(tmp_path_factory.mktemp("run-base"), REPO, model_files)
+    packs.install(base / "custom_nodes", checkouts)
+    photos.write_inputs(base / "input", scrfd_dir)
+    workflow_bed.add_workflow_files(base, model_files)
+    return base
+
+
+def test_third_party_table_matches_the_real_packs(browser_server):
+    """The pinned table the workflow files were written from equals what the packs really define."""
+    problems = make_workflows.third_party_mismatches(browser_server.get("/object_info"))
+    assert not problems, problems
+
+
+def drop_and_convert(page, name: str) -> dict:
+    """Drop workflows/<name>.json on the canvas as a user does; returns the frontend's API prompt."""
+    from workflow_browser import close_dialogs, error_report
+
+    text = (make_workflows.WORKFLOW_DIR / f"{name}.json").read_text()
+    expected_nodes = len(json.loads(text)["nodes"])
+    page.evaluate("() => app.graph.clear()")
+    seen = len(page.messages)
+    page.evaluate(DROP, [f"{name}.json", text])
+    page.wait_for_function("(count) => app.graph.nodes.length === count", arg=expected_nodes, timeout=30_000)
+    page.wait_for_timeout(500)
+    close_dialogs(page)
+    assert page.messages[seen:] == [], f"{name}: the frontend reported errors while loading"
+    missing = page.evaluate("() => app.graph.nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type)")
+    assert missing == [], f"{name}: nodes the frontend does not know: {missing}"
+    report = error_report(page)
+    assert report == "", f"{name}: the frontend reports missing packs, models or inputs:\n{report}"
+    return page.evaluate("async () => (await app.graphToPrompt()).output")
+
+
+def saved_files(history: dict, prompt: dict, base: Path) -> list[Path]:
+    out = []
+    for node_id, node in prompt.items():
+        if node["class_type"] in ("SaveVideo", "SaveImage"):
+            for item in history["outputs"].get(node_id, {}).get("images", []):
+                out.append(base / "output" / item["subfolder"] / item["filename"])
+    return out
+
+
+def frames_and_size(path: Path) -> tuple[int, tuple[int, int]]:
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    return len(frames), (frames[0].shape[1], frames[0].shape[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_end_to_end(page, browser_server, browser_base, artifacts, name):
+    prompt = drop_and_convert(page, name)
+    changed = workflow_bed.shrink(name, prompt)
+    shipped_types = {n["type"] for n in workflow_bed.load(name)["nodes"]} - workflow_bed.ui_format.FRONTEND_ONLY
+    assert {n["class_type"] for n in prompt.values()} == shipped_types
+    assert workflow_bed.spec(name).node_types() & set(workflow_spec.THIRD_PARTY) <= shipped_types
+
+    history = browser_server.run(prompt, timeout=900)
+    assert history["status"]["status_str"] == "success", (changed, json.dumps(history["status"])[-3000:])
+    files = saved_files(history, prompt, browser_base)
+    assert len(files) == 1 and files[0].is_file(), (files, history["outputs"])
+    frames = workflow_bed.ci_frames(name)
+    size = (workflow_bed.CI_SIZE, workflow_bed.CI_SIZE)
+    if files[0].suffix == ".png":
+        from PIL import Image
+
+        assert frames == 1 and Image.open(files[0]).size == size
+    else:
+        assert frames_and_size(files[0]) == (frames, size), files[0]
+    page.screenshot(path=str(artifacts / f"run_{name}.png"))
