@@ -111,9 +111,11 @@ def test_workflow_loads_as_written(page, artifacts, name):
             assert blend["type"] == "slider" and blend["options"] == {"min": 0, "max": 1}, blend
 
 
-def test_id_image_queued_from_the_page_renders_an_image(page, browser_server, artifacts):
+def render_id_image_from_the_page(page, browser_server) -> tuple[dict, str]:
+    """Load id_image, lower size and steps through the widgets as a user would (so the CPU renders
+    in seconds) and press Queue; returns (history, the Save Image node id). A second call is quick:
+    the server answers from its cache and still sends the page every node's output."""
     load_from_server(page, "id_image")
-    # Lower size and steps through the widgets, as a user would, so the CPU renders in seconds.
     page.evaluate("""([size, steps]) => {
         const set = (type, name, value) => {
             const w = app.graph.nodes.find(n => n.type === type).widgets.find(w => w.name === name);
@@ -129,6 +131,11 @@ def test_id_image_queued_from_the_page_renders_an_image(page, browser_server, ar
     history = browser_server.wait(reply["prompt_id"], timeout=600)
     assert history["status"]["status_str"] == "success", history["status"]
     save_id = next(str(n["id"]) for n in workflow_bed.load("id_image")["nodes"] if n["type"] == "SaveImage")
+    return history, save_id
+
+
+def test_id_image_queued_from_the_page_renders_an_image(page, browser_server, artifacts):
+    history, save_id = render_id_image_from_the_page(page, browser_server)
     assert history["outputs"][save_id]["images"], history["outputs"]
     # The page got the result too: the Save Image node shows the picture.
     page.wait_for_function("""(id) => { const n = app.graph.getNodeById(Number(id));
@@ -137,8 +144,11 @@ def test_id_image_queued_from_the_page_renders_an_image(page, browser_server, ar
     page.screenshot(path=str(artifacts / "id_image_result.png"))
 
 
-def test_id_mix_shows_both_faces_after_they_are_encoded(page, artifacts):
+def test_id_mix_shows_both_faces_after_they_are_encoded(page, browser_server, artifacts):
     """web/js/id_mix_faces.js: an IDMix fed by Face Encode nodes that have run draws their crops."""
+    render_id_image_from_the_page(page, browser_server)
+    encode_id = next(n["id"] for n in workflow_bed.load("id_image")["nodes"] if n["type"] == "FaceEncode")
+    page.wait_for_function("(id) => (app.graph.getNodeById(id).imgs || []).length > 0", arg=encode_id, timeout=60_000)
     result = page.evaluate("""async () => {
         const encode = app.graph.nodes.find(n => n.type === 'FaceEncode');
         const mix = LiteGraph.createNode('IDMix');
@@ -152,6 +162,6 @@ def test_id_mix_shows_both_faces_after_they_are_encoded(page, artifacts):
         return {shown: faces?.facesShown, saved: mix.serialize().widgets_values, encoded: (encode.imgs || []).length};
     }""")
     page.screenshot(path=str(artifacts / "id_mix_faces.png"))
-    assert result["encoded"] > 0, "Face Encode shows no crop (run id_image first)"
+    assert result["encoded"] > 0, "Face Encode shows no crop after id_image ran"
     assert result["shown"] == 2, result
     assert result["saved"] == [0.5, -1], "the faces widget must not be saved into widgets_values"

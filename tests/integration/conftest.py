@@ -2,8 +2,8 @@
 pack installed, an in-process executor and an HTTP server.
 
 Memory (a 16 GB machine must run the whole suite): tests that use the in-process ComfyUI run
-first, then those that use the HTTP server, and each is released right after its last test, so at
-most one ComfyUI holds models at any time."""
+first, then those that use the HTTP server, and each is released right after its last test (the
+in-process one also after each module), so at most one ComfyUI holds models at any time."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,9 +43,21 @@ def http_comfy(comfyui_dir, comfy_base, request):
     server.release()
 
 
+def _released_after(item, nextitem, name: str) -> bool:
+    """After its last test in a row; the in-process ComfyUI also after each module's last test, so
+    that one module's models (kept by its fixtures and ComfyUI's cache) never add to the next's."""
+    if name not in item.fixturenames:
+        return False
+    if nextitem is None or name not in nextitem.fixturenames:
+        return True
+    return name == "comfy" and nextitem.module is not item.module
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    for name in RELEASED_AFTER_LAST_USE:
-        if name in item.fixturenames and (nextitem is None or name not in nextitem.fixturenames):
-            holder = item.funcargs.get(name)
-            if holder is not None:
-                holder.release()
+    last_users = [item.funcargs.get(name) for name in RELEASED_AFTER_LAST_USE if _released_after(item, nextitem, name)]
+    yield  # module fixtures (which may hold models) are torn down first
+    item.funcargs.clear()  # pytest keeps each test's fixture values, models included, to the end
+    for holder in last_users:
+        if holder is not None:
+            holder.release()

@@ -3,22 +3,37 @@
 Generation imports ComfyUI's model classes, which must see `--cpu` before anything else imports
 `comfy`: `ensure_models` therefore runs this module in a subprocess (`python -m support.models`).
 
-ComfyUI recognises SD1.5 and CLIP ViT-H/14 by their state-dict shapes, so tiny models will not
-do; the shapes here come from ComfyUI's own model classes (built on the meta device). Weights
+ComfyUI (and AnimateDiff-Evolved, Advanced-ControlNet) recognise models by their state-dict
+shapes, so tiny models will not do; the shapes here come from ComfyUI's own model classes (built
+on the meta device) or, for the motion and control files, from `support.motion_models`. Weights
 are N(0, 1/fan_in) with unit norm scales and zero biases, which keeps activations finite over a
 few sampling steps. Nothing generated here is ever committed.
+
+Each file lives at `<cache>/generated/<generator>.<key>`, the key hashing everything that decides
+its bytes (see `content_key`), so checkouts at different commits never share, or overwrite, a
+file that one of them would have made differently.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import importlib.metadata
+import inspect
 import os
+import sys
+import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
 
-GENERATOR_VERSION = "1"  # bump when the recipe below changes, to regenerate the cache
+from support import motion_models
+
+REPO = Path(__file__).resolve().parents[2]
+UNUSED_AFTER_S = 30 * 24 * 3600  # generated files no checkout has asked for this long are deleted
 
 
 def random_like_shapes(shapes: dict[str, torch.Size], seed: int, dtype=torch.float16) -> dict[str, torch.Tensor]:
@@ -36,9 +51,9 @@ def random_like_shapes(shapes: dict[str, torch.Size], seed: int, dtype=torch.flo
     return out
 
 
-def sd15_unet_shapes(**overrides) -> dict[str, torch.Size]:
+def sd15_unet_config(**overrides: Any) -> dict[str, Any]:
+    """SD1.5's UNet config in the form ComfyUI's model detection produces (per-block lists)."""
     import comfy.supported_models
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     config = dict(comfy.supported_models.SD15.unet_config)
     config.update(in_channels=4, out_channels=4, num_res_blocks=[2, 2, 2, 2],
@@ -50,8 +65,14 @@ def sd15_unet_shapes(**overrides) -> dict[str, torch.Size]:
                   use_spatial_transformer=True, legacy=False)
     config.pop("use_checkpoint", None)
     config.update(overrides)
+    return config
+
+
+def sd15_unet_shapes(**overrides: Any) -> dict[str, torch.Size]:
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
     with torch.device("meta"):
-        unet = UNetModel(**config, device="meta")
+        unet = UNetModel(**sd15_unet_config(**overrides), device="meta")
     return {k: v.shape for k, v in unet.state_dict().items()}
 
 
@@ -67,49 +88,6 @@ def clip_vision_shapes(config_name: str = "clip_vision_config_h.json") -> dict[s
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def cached_file(cache: Path, name: str, make: Callable[[Path], None]) -> Path:
-    """Return cache/<version>/<name>, creating it with `make(tmp_path)` under a lock."""
-    path = cache / "generated" / f"v{GENERATOR_VERSION}" / name
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            make(tmp)
-            os.replace(tmp, path)
-    return path
-
-
-def sd15_unet(cache: Path) -> Path:
-    return cached_file(cache, "sd15_unet",
-                       lambda p: save_file(random_like_shapes(sd15_unet_shapes(), seed=15), str(p)))
-
-
-def clip_vision_h(cache: Path) -> Path:
-    return cached_file(cache, "clip_vision_h",
-                       lambda p: save_file(random_like_shapes(clip_vision_shapes(), seed=14), str(p)))
-
-
-def id_animator_checkpoint(cache: Path) -> Path:
-    """A random adapter in the official `state_dict` container, as animator.ckpt ships."""
-    from id_animator.adapter.checkpoint import official_state_dict, random_adapter_weights
-
-    return cached_file(cache, "id_animator_checkpoint", lambda p: torch.save(
-        official_state_dict(random_adapter_weights(seed=7), layout="state_dict"), str(p)))
-
-
-def scrfd_pack(cache: Path, scrfd_root: Path) -> Path:
-    """An insightface pack folder holding only the real SCRFD detector from the scrfd sdist."""
-    pack = cache / "generated" / "insightface" / "scrfd"
-    pack.mkdir(parents=True, exist_ok=True)
-    onnx = pack / "scrfd.onnx"
-    if not onnx.exists():
-        onnx.symlink_to(scrfd_root / "models" / "scrfd.onnx")
-    return pack
-
-
 def clip_l_text_shapes() -> dict[str, torch.Size]:
     import comfy.clip_model
     import json
@@ -122,24 +100,6 @@ def clip_l_text_shapes() -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def clip_l_text(cache: Path) -> Path:
-    """SD1.5's text encoder (CLIP ViT-L/14 text tower) for CLIPLoader type stable_diffusion."""
-    return cached_file(cache, "clip_l_text",
-                       lambda p: save_file(random_like_shapes(clip_l_text_shapes(), seed=13), str(p)))
-
-
-def sd2_unet(cache: Path) -> Path:
-    """An SD2.x UNet (context width 1024): a real model ApplyFaceAdapter must refuse."""
-    shapes = sd15_unet_shapes(context_dim=1024, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True)
-    return cached_file(cache, "sd2_unet", lambda p: save_file(random_like_shapes(shapes, seed=21), str(p)))
-
-
-def clip_vision_l(cache: Path) -> Path:
-    """CLIP ViT-L/14 vision: the wrong encoder for ID-Animator (users confuse it with ViT-H)."""
-    return cached_file(cache, "clip_vision_l", lambda p: save_file(
-        random_like_shapes(clip_vision_shapes("clip_vision_config_vitl.json"), seed=12), str(p)))
-
-
 def sd15_vae_shapes() -> dict[str, torch.Size]:
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
@@ -150,60 +110,244 @@ def sd15_vae_shapes() -> dict[str, torch.Size]:
     return {k: v.shape for k, v in vae.state_dict().items()}
 
 
-def sd15_checkpoint(cache: Path) -> Path:
+# --- Generators: each writes one file at the path it is given --------------------------------------
+
+
+def sd15_unet(path: Path) -> None:
+    save_file(random_like_shapes(sd15_unet_shapes(), seed=15), str(path))
+
+
+def clip_vision_h(path: Path) -> None:
+    save_file(random_like_shapes(clip_vision_shapes(), seed=14), str(path))
+
+
+def id_animator_checkpoint(path: Path) -> None:
+    """A random adapter in the official `state_dict` container, as animator.ckpt ships."""
+    from id_animator.adapter.checkpoint import official_state_dict, random_adapter_weights
+
+    torch.save(official_state_dict(random_adapter_weights(seed=7), layout="state_dict"), str(path))
+
+
+def clip_l_text(path: Path) -> None:
+    """SD1.5's text encoder (CLIP ViT-L/14 text tower) for CLIPLoader type stable_diffusion."""
+    save_file(random_like_shapes(clip_l_text_shapes(), seed=13), str(path))
+
+
+def sd2_unet(path: Path) -> None:
+    """An SD2.x UNet (context width 1024): a real model ApplyFaceAdapter must refuse."""
+    shapes = sd15_unet_shapes(context_dim=1024, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True)
+    save_file(random_like_shapes(shapes, seed=21), str(path))
+
+
+def clip_vision_l(path: Path) -> None:
+    """CLIP ViT-L/14 vision: the wrong encoder for ID-Animator (users confuse it with ViT-H)."""
+    save_file(random_like_shapes(clip_vision_shapes("clip_vision_config_vitl.json"), seed=12), str(path))
+
+
+def sd15_checkpoint(path: Path) -> None:
     """A single-file SD1.5 checkpoint (UNet + VAE + CLIP-L text), as community checkpoints ship."""
-    def make(path: Path) -> None:
-        state = {f"model.diffusion_model.{k}": v for k, v in random_like_shapes(sd15_unet_shapes(), seed=15).items()}
-        state.update({f"first_stage_model.{k}": v for k, v in random_like_shapes(sd15_vae_shapes(), seed=16).items()})
-        state.update({f"cond_stage_model.transformer.{k}": v
-                      for k, v in random_like_shapes(clip_l_text_shapes(), seed=13).items()})
-        save_file(state, str(path))
-
-    return cached_file(cache, "sd15_checkpoint", make)
+    state = {f"model.diffusion_model.{k}": v for k, v in random_like_shapes(sd15_unet_shapes(), seed=15).items()}
+    state.update({f"first_stage_model.{k}": v for k, v in random_like_shapes(sd15_vae_shapes(), seed=16).items()})
+    state.update({f"cond_stage_model.transformer.{k}": v
+                  for k, v in random_like_shapes(clip_l_text_shapes(), seed=13).items()})
+    save_file(state, str(path))
 
 
-GENERATORS = {  # models/<folder>/<file name>: generator (several files may share a folder)
-    ("checkpoints", "sd15_random_full.safetensors"): sd15_checkpoint,
-    ("diffusion_models", "sd15_random_unet.safetensors"): sd15_unet,
-    ("diffusion_models", "sd2_random_unet.safetensors"): sd2_unet,
-    ("text_encoders", "clip_l_random.safetensors"): clip_l_text,
-    ("clip_vision", "CLIP-ViT-H-14-random.safetensors"): clip_vision_h,
-    ("clip_vision", "CLIP-ViT-L-14-random.safetensors"): clip_vision_l,
-    ("id_animator", "animator.ckpt"): id_animator_checkpoint,
+def motion_weights(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
+    """Random weights with the real sinusoidal frame-position tables. The output projections are
+    random too (AnimateDiff zeroes them only to start training), so the modules do change the
+    frames and a motion model that is silently not applied shows in the output."""
+    state = random_like_shapes(shapes, seed=seed)
+    motion_models.set_position_tables(state)
+    return state
+
+
+# Motion and control files are plain tensor dicts written by torch.save, as guoyww's and
+# lllyasviel's releases are: their loaders read them with torch.load(weights_only=True).
+
+
+def animatediff_v2(path: Path) -> None:
+    """AnimateDiff v2 (mm_sd_v15_v2.ckpt): down, up and mid-block motion modules."""
+    torch.save(motion_weights(motion_models.motion_model_shapes(mid_block=True), seed=2), str(path))
+
+
+def animatediff_v3(path: Path) -> None:
+    """AnimateDiff v3 (v3_sd15_mm.ckpt): down and up motion modules, no mid block."""
+    torch.save(motion_weights(motion_models.motion_model_shapes(mid_block=False), seed=3), str(path))
+
+
+def sparsectrl_rgb(path: Path) -> None:
+    """SparseCtrl RGB (v3_sd15_sparsectrl_rgb.ckpt): a ControlNet with its own motion modules."""
+    torch.save(motion_weights(motion_models.sparsectrl_rgb_shapes(sd15_unet_config()), seed=31), str(path))
+
+
+def controlnet_openpose(path: Path) -> None:
+    """An SD1.5 ControlNet 1.1 (control_v11p_sd15_openpose.pth): 3-channel pose images in."""
+    shapes = motion_models.lllyasviel_controlnet_shapes(sd15_unet_config(), hint_channels=3)
+    torch.save(random_like_shapes(shapes, seed=41), str(path))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One generated file: the generator that writes it and the checkout files, beyond the
+    definitions the generator reaches in the model modules, that decide its bytes."""
+    write: Callable[[Path], None]
+    sources: tuple[str, ...] = ()  # globs relative to the repository root
+
+    @property
+    def name(self) -> str:
+        return self.write.__name__
+
+
+GENERATORS: dict[tuple[str, str], Recipe] = {  # models/<folder>/<file name>: recipe (a folder may hold several)
+    ("checkpoints", "sd15_random_full.safetensors"): Recipe(sd15_checkpoint),
+    ("diffusion_models", "sd15_random_unet.safetensors"): Recipe(sd15_unet),
+    ("diffusion_models", "sd2_random_unet.safetensors"): Recipe(sd2_unet),
+    ("text_encoders", "clip_l_random.safetensors"): Recipe(clip_l_text),
+    ("clip_vision", "CLIP-ViT-H-14-random.safetensors"): Recipe(clip_vision_h),
+    ("clip_vision", "CLIP-ViT-L-14-random.safetensors"): Recipe(clip_vision_l),
+    ("id_animator", "animator.ckpt"): Recipe(id_animator_checkpoint, sources=("adapter/*.py",)),
+    # the names the shipped workflows use (scripts/workflow_spec.py MODELS)
+    ("animatediff_models", "mm_sd_v15_v2.ckpt"): Recipe(animatediff_v2),
+    ("animatediff_models", "v3_sd15_mm.ckpt"): Recipe(animatediff_v3),
+    ("controlnet", "v3_sd15_sparsectrl_rgb.ckpt"): Recipe(sparsectrl_rgb),
+    ("controlnet", "control_v11p_sd15_openpose.pth"): Recipe(controlnet_openpose),
 }
+
+
+# --- The cache -------------------------------------------------------------------------------------
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """Global and attribute names a code object (and the functions nested in it) refers to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _reached_definitions(write: Callable[[Path], None]) -> list[str]:
+    """The source of `write` and of every function, class and plain constant of this module and
+    `motion_models` that it names, followed transitively. Matching by name may take in a few
+    definitions it does not use: the key then changes more often than needed, which only costs a
+    regeneration."""
+    modules = [sys.modules[__name__], motion_models]
+    parts: list[str] = []
+    seen: set[int] = set()
+    pending: list[Any] = [write]
+    while pending:
+        obj = pending.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        parts.append(inspect.getsource(obj))
+        functions = [obj] if inspect.isfunction(obj) else [f for f in vars(obj).values() if inspect.isfunction(f)]
+        # defaults are evaluated where the function is defined, so a named constant there is a value
+        parts.extend(repr((f.__defaults__, f.__kwdefaults__)) for f in functions)
+        for name in sorted(set().union(*(_code_names(f.__code__) for f in functions))):
+            for module in modules:
+                value = vars(module).get(name)
+                if inspect.isfunction(value) or inspect.isclass(value):
+                    if value.__module__ == module.__name__:
+                        pending.append(value)
+                elif isinstance(value, (bool, int, float, str, tuple)):
+                    # labelled by file, not module name: this module is `__main__` when it generates
+                    parts.append(f"{Path(module.__file__).name}:{name} = {value!r}")
+    return parts
+
+
+def content_key(recipe: Recipe, comfyui: Path) -> str:
+    """sha256 over what decides the file's bytes: the generator's source and the helpers and
+    constants it reaches here, the checkout files it names (`Recipe.sources`), the ComfyUI version
+    whose classes give the shapes, and the torch version whose generator draws the weights."""
+    digest = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        digest.update(f"{label}\0{len(data)}\0".encode())
+        digest.update(data)
+
+    for part in _reached_definitions(recipe.write):
+        add("definition", part.encode())
+    for pattern in recipe.sources:
+        for path in sorted(REPO.glob(pattern)):
+            add(str(path.relative_to(REPO)), path.read_bytes())
+    add("comfyui", (comfyui / "comfyui_version.py").read_bytes())
+    add("torch", importlib.metadata.version("torch").encode())
+    return digest.hexdigest()[:20]
+
+
+def generated_path(cache: Path, recipe: Recipe, comfyui: Path) -> Path:
+    return cache / "generated" / f"{recipe.name}.{content_key(recipe, comfyui)}"
+
+
+def cached_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Return `path`, creating it with `write(tmp_path)` under a lock (concurrent sessions)."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            started = time.monotonic()
+            write(tmp)
+            os.replace(tmp, path)
+            print(f"generated {path.name}: {path.stat().st_size / 2**20:.0f} MiB in {time.monotonic() - started:.1f} s",
+                  file=sys.stderr)
+    return path
+
+
+def _prune(cache: Path, recipe: Recipe, keep: Path) -> None:
+    """Delete this generator's files made for other sources that nobody has used for a month
+    (each `ensure_models` touches the files it returns), so the cache does not grow forever."""
+    os.utime(keep)
+    for old in (cache / "generated").glob(f"{recipe.name}.*"):
+        if old != keep and time.time() - old.stat().st_mtime > UNUSED_AFTER_S:
+            old.unlink(missing_ok=True)
+            old.with_name(f".{old.name}.lock").unlink(missing_ok=True)
+
+
+def scrfd_pack(cache: Path, scrfd_root: Path) -> Path:
+    """An insightface pack folder holding only the real SCRFD detector from the scrfd sdist (a
+    folder per sdist location, so its link never points at another session's copy)."""
+    where = hashlib.sha256(str(scrfd_root.resolve()).encode()).hexdigest()[:16]
+    pack = cache / "generated" / "insightface" / where / "scrfd"
+    pack.mkdir(parents=True, exist_ok=True)
+    onnx = pack / "scrfd.onnx"
+    if not onnx.is_symlink():
+        onnx.symlink_to(scrfd_root / "models" / "scrfd.onnx")
+    return pack
 
 
 def ensure_models(cache: Path, comfyui: Path, scrfd_root: Path) -> dict[str, dict[str, Path]]:
     """Every model folder of the test bed, keyed like ComfyUI's `models/` layout."""
     import subprocess
-    import sys
 
-    import os
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # id_animator, support
+    # support, and this checkout's id_animator (tests/conftest.py: one import path per checkout)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     subprocess.run([sys.executable, "-m", "support.models", str(cache), str(comfyui)], check=True,
                    cwd=Path(__file__).resolve().parent.parent, env=env)
     files: dict[str, dict[str, Path]] = {}
-    for (folder, name), make in GENERATORS.items():
-        files.setdefault(folder, {})[name] = cache / "generated" / f"v{GENERATOR_VERSION}" / make.__name__
+    for (folder, name), recipe in GENERATORS.items():
+        path = generated_path(cache, recipe, comfyui)
+        if not path.exists():  # the subprocess computes the same key: a miss is a bug, not a rerun
+            raise RuntimeError(f"support.models did not generate {path}")
+        _prune(cache, recipe, keep=path)
+        files.setdefault(folder, {})[name] = path
     files["insightface"] = {"models/scrfd": scrfd_pack(cache, scrfd_root)}
     return files
 
 
 def _main(cache: str, comfyui: str) -> None:
-    import sys
-
     sys.path.insert(0, comfyui)
     import comfy.options
 
     comfy.options.enable_args_parsing()
     sys.argv = ["models", "--cpu"]
-    for make in GENERATORS.values():
-        made = make(Path(cache))
-        assert made.name == make.__name__, (made, make.__name__)
+    for recipe in GENERATORS.values():
+        cached_file(generated_path(Path(cache), recipe, Path(comfyui)), recipe.write)
 
 
 if __name__ == "__main__":
-    import sys
-
     _main(*sys.argv[1:3])

@@ -67,7 +67,8 @@ def test_property_to_rgb_uint8_on_any_array(image: np.ndarray) -> None:
     try:
         result = to_rgb_uint8(image)
     except IDAnimatorError as error:
-        assert str(error)
+        valid = image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) > 0
+        assert str(error) and not valid, f"a plain 8-bit RGB(A) image was refused: {error}"
     else:
         assert_rgb_uint8(result, *image_size(image.shape))
         if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (3, 4):
@@ -75,6 +76,16 @@ def test_property_to_rgb_uint8_on_any_array(image: np.ndarray) -> None:
         if not image.dtype.isnative:  # big-endian samples read as their native-order values
             assert np.array_equal(result, to_rgb_uint8(image.astype(image.dtype.newbyteorder("="))))
     assert before.tobytes() == image.tobytes(), "the caller's image was modified"
+
+
+PLAIN_8_BIT = arrays(np.uint8, st.tuples(st.integers(1, 64), st.integers(1, 64), st.sampled_from([3, 4])))
+
+
+@settings(max_examples=100, deadline=None)
+@given(image=PLAIN_8_BIT)
+def test_property_plain_8_bit_rgb_is_always_accepted_unchanged(image: np.ndarray) -> None:
+    """The refusals above must never reach a valid photo: any HxWx3/4 uint8 array converts."""
+    assert np.array_equal(to_rgb_uint8(image), image[:, :, :3])
 
 
 TORCH_IMAGES = st.tuples(st.sampled_from(TORCH_DTYPES), st.integers(1, 20), st.integers(1, 20),
