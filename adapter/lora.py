@@ -2,18 +2,19 @@
 
 Official §3.3/§6: delta(x) = up(down(x)) with no alpha/rank rescaling and lora_scale 1.0. The
 official code adds the delta at every step; merging it into the weights once is equivalent
-(W' = W + up·down) and costs nothing per step.
+(W' = W + up·down) and costs nothing per step. ComfyUI does the merge (`LoRAAdapter` weight
+patches, in nodes/apply_face_adapter.py): it keeps only the rank-128 factors, computes in fp32,
+rounds into the model's dtype, patches on the fly in low-VRAM mode and restores W on unpatch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
 
-import torch
 from torch import Tensor
 
 from .errors import CheckpointError
-from .layer_map import LORA_TARGETS, layer_by_index
+from .layer_map import LORA_TARGETS, TEXT_CONTEXT_DIM, layer_by_index
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,19 +48,11 @@ def attn2_lora_pairs(layer_weights: Mapping[int, Mapping[str, Tensor]]) -> dict[
                     f"Adapter layer {index} lacks {', '.join(f'{index}.{m}' for m in missing)}; "
                     f"the ID-Animator checkpoint is incomplete or not an ID-Animator file.")
             pair = LoRAPair(up=tensors[names[0]], down=tensors[names[1]])
-            if pair.up.shape[0] != layer.channels:
+            fan_in = TEXT_CONTEXT_DIM if target in ("to_k", "to_v") else layer.channels
+            if pair.up.shape[0] != layer.channels or pair.down.shape[1] != fan_in:
                 raise CheckpointError(
-                    f"Adapter layer {index} {target} LoRA outputs {pair.up.shape[0]} channels, "
-                    f"but SD1.5 block {layer.ldm_block} has {layer.channels}.")
+                    f"Adapter layer {index} {target} LoRA maps {pair.down.shape[1]} -> {pair.up.shape[0]} "
+                    f"channels, but SD1.5 block {layer.ldm_block} needs {fan_in} -> {layer.channels}; "
+                    f"the adapter was made for another model.")
             pairs[layer.weight_keys[target]] = pair
     return pairs
-
-
-def merge_lora(weight: Tensor, pair: LoRAPair, strength: float = 1.0) -> Tensor:
-    """W + strength·up@down, computed in fp32 and returned in W's dtype (official: no alpha)."""
-    delta = pair.up.to(weight.device, torch.float32) @ pair.down.to(weight.device, torch.float32)
-    if delta.shape != weight.shape:
-        raise CheckpointError(
-            f"LoRA update of shape {tuple(delta.shape)} does not fit weight "
-            f"{tuple(weight.shape)}; the adapter was made for another model (SD1.5 expected).")
-    return (weight.to(torch.float32) + strength * delta).to(weight.dtype)

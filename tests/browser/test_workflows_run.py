@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from support import models, packs, photos, workflow_bed
-from support.harness import make_base
+from support.harness import make_base, serving
 from support.workflow_bed import make_workflows, workflow_spec
 
 NAMES = workflow_bed.workflow_names()
 REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "artifacts" / "browser"
 
 DROP = """async ([name, text]) => {
     const transfer = new DataTransfer();
@@ -40,6 +41,15 @@ def browser_base(chromium, tmp_path_factory, cache_dir, comfyui_dir, scrfd_dir) 
     photos.write_inputs(base / "input", scrfd_dir)
     workflow_bed.add_workflow_files(base, model_files)
     return base
+
+
+@pytest.fixture(scope="module")
+def browser_server(comfyui_dir, browser_base, request):
+    """With the UNet (and so the motion modules) held in bf16, as `--bf16-unet` users run it: on the
+    CPU ComfyUI still computes in fp32, and the whole test command stays within 12 GB."""
+    with serving(comfyui_dir, browser_base, lambda: request.session.testsfailed, ARTIFACTS / "comfyui-run.log",
+                 extra_args=("--bf16-unet",)) as server:
+        yield server
 
 
 def test_third_party_table_matches_the_real_packs(browser_server):

@@ -68,3 +68,18 @@ def face_video_graph(frames: int = 4, weight: float = 0.8, lora_strength: float 
     graph.update(id_nodes())
     graph["apply"] = apply_node(["unet", 0], ["encode", 0], ["ida", 0], weight, start_at, end_at, lora_strength)
     return graph
+
+
+def id_mix_graph(blend: float, blend_end: float, frames: int = 2, steps: int = 1,
+                 prefix: str = "mix") -> dict[str, Any]:
+    """Two people (the astronaut, the largest Solvay face) -> IDMix -> ApplyFaceAdapter -> KSampler."""
+    graph = sampling_graph(frames=frames, steps=steps, model=["apply", 0], prefix=prefix)
+    graph.update(id_nodes())
+    person_b = id_nodes("solvay_1927.jpg", prefix="b_")
+    del person_b["b_ida"]  # one LoadIDAnimator for both people, as in the shipped id_mix workflow
+    person_b["b_encode"]["inputs"].update(id_animator=["ida", 0], face_select="largest")
+    graph.update(person_b)
+    graph["mix"] = {"class_type": "IDMix", "inputs": {
+        "embeds_a": ["encode", 0], "embeds_b": ["b_encode", 0], "blend": blend, "blend_end": blend_end}}
+    graph["apply"] = apply_node(["unet", 0], ["mix", 0], ["ida", 0], weight=1.0, lora_strength=0.0)
+    return graph

@@ -145,9 +145,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(comfyui_dir: Path, base: Path, keep_log: Callable[[], bool], kept: Path) -> Iterator["HttpComfy"]:
+def serving(comfyui_dir: Path, base: Path, keep_log: Callable[[], bool], kept: Path,
+            extra_args: tuple[str, ...] = ()) -> Iterator["HttpComfy"]:
     """A started HttpComfy, stopped on exit; its log is copied to `kept` when keep_log() is true."""
-    server = HttpComfy(comfyui_dir, base)
+    server = HttpComfy(comfyui_dir, base, extra_args=extra_args)
     try:
         server.wait_ready()
         yield server

@@ -12,7 +12,7 @@ from id_animator.adapter.face_attention import (
     batch_face_kv, decoupled_attention, mix_face_kv, project_face_tokens, sdpa_attention)
 from id_animator.adapter.identity import FaceEmbeds, Identity, blend, single_identity
 from id_animator.adapter.layer_map import LAYERS
-from id_animator.adapter.lora import attn2_lora_pairs, merge_lora
+from id_animator.adapter.lora import attn2_lora_pairs
 
 attention_processor = pytest.importorskip("diffusers.models.attention_processor")
 
@@ -117,7 +117,8 @@ def test_attn2_layer_matches_diffusers_ip_adapter(channels: int, cond_or_uncond:
     # Ours: LoRA merged into the weights, face K/V projected once then mixed and batched.
     pairs = attn2_lora_pairs({layer.official_index: adapter})
     keys = layer.weight_keys
-    w = {name: merge_lora(base[name], pairs[keys[name]]) for name in ("to_q", "to_k", "to_v", "to_out")}
+    w = {name: base[name] + pairs[keys[name]].up @ pairs[keys[name]].down
+         for name in ("to_q", "to_k", "to_v", "to_out")}
     face_k, face_v = project_face_tokens(embeds.face_tokens, adapter["to_k_face.weight"],
                                          adapter["to_v_face.weight"])
     uncond_k, uncond_v = project_face_tokens(embeds.uncond_tokens, adapter["to_k_face.weight"],
