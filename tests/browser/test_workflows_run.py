@@ -17,7 +17,6 @@ from support.workflow_bed import make_workflows, workflow_spec
 
 NAMES = workflow_bed.workflow_names()
 REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "artifacts" / "browser"
 
 DROP = """async ([name, text]) => {
     const transfer = new DataTransfer();
@@ -44,10 +43,10 @@ def browser_base(chromium, tmp_path_factory, cache_dir, comfyui_dir, scrfd_dir) 
 
 
 @pytest.fixture(scope="module")
-def browser_server(comfyui_dir, browser_base, request):
+def browser_server(comfyui_dir, browser_base, artifacts, request):
     """With the UNet (and so the motion modules) held in bf16, as `--bf16-unet` users run it: on the
     CPU ComfyUI still computes in fp32, and the whole test command stays within 12 GB."""
-    with serving(comfyui_dir, browser_base, lambda: request.session.testsfailed, ARTIFACTS / "comfyui-run.log",
+    with serving(comfyui_dir, browser_base, lambda: request.session.testsfailed, artifacts / "comfyui-run.log",
                  extra_args=("--bf16-unet",)) as server:
         yield server
 
