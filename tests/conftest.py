@@ -30,7 +30,7 @@ PATHS = _bootstrap_paths()
 CACHE = PATHS["cache"]
 
 
-def _make_importable() -> None:
+def _make_importable() -> Path:
     """Expose `adapter/` as `id_animator.adapter` (a namespace package holding only the pure core:
     the pack's own __init__ imports ComfyUI, which unit tests must not need). One folder per
     checkout: two clones sharing the cache each import their own code."""
@@ -47,9 +47,10 @@ def _make_importable() -> None:
         os.replace(tmp, link)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    return root
 
 
-_make_importable()
+IMPORT_ROOT = _make_importable()
 
 
 SUITES = ("unit", "integration", "install", "browser")
@@ -92,6 +93,12 @@ def pytest_runtest_teardown(item, nextitem):
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     return CACHE
+
+
+@pytest.fixture(scope="session")
+def import_root() -> Path:
+    """The folder to put on PYTHONPATH for `import id_animator.adapter` from this checkout."""
+    return IMPORT_ROOT
 
 
 @pytest.fixture(scope="session")

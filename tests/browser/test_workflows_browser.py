@@ -111,19 +111,20 @@ def test_workflow_loads_as_written(page, artifacts, name):
             assert blend["type"] == "slider" and blend["options"] == {"min": 0, "max": 1}, blend
 
 
-def render_id_image_from_the_page(page, browser_server) -> tuple[dict, str]:
+def render_id_image_from_the_page(page, browser_server, face_index: int = 0) -> tuple[dict, str]:
     """Load id_image, lower size and steps through the widgets as a user would (so the CPU renders
-    in seconds) and press Queue; returns (history, the Save Image node id). A second call is quick:
-    the server answers from its cache and still sends the page every node's output."""
+    in seconds) and press Queue; returns (history, the Save Image node id). A node the server
+    answers from its cache sends the page nothing: a new `face_index` (unused with 'most
+    confident') makes FaceEncode run, and show its crops, again."""
     load_from_server(page, "id_image")
-    page.evaluate("""([size, steps]) => {
+    page.evaluate("""([size, steps, face_index]) => {
         const set = (type, name, value) => {
             const w = app.graph.nodes.find(n => n.type === type).widgets.find(w => w.name === name);
             w.value = value; w.callback?.(value);
         };
         set('EmptyLatentImage', 'width', size); set('EmptyLatentImage', 'height', size);
-        set('KSampler', 'steps', steps);
-    }""", [workflow_bed.CI_SIZE, workflow_bed.CI_STEPS])
+        set('KSampler', 'steps', steps); set('FaceEncode', 'face_index', face_index);
+    }""", [workflow_bed.CI_SIZE, workflow_bed.CI_STEPS, face_index])
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as posted:
         page.locator("[data-testid=queue-button]").click()
     reply = posted.value.json()
@@ -146,7 +147,7 @@ def test_id_image_queued_from_the_page_renders_an_image(page, browser_server, ar
 
 def test_id_mix_shows_both_faces_after_they_are_encoded(page, browser_server, artifacts):
     """web/js/id_mix_faces.js: an IDMix fed by Face Encode nodes that have run draws their crops."""
-    render_id_image_from_the_page(page, browser_server)
+    render_id_image_from_the_page(page, browser_server, face_index=1)
     encode_id = next(n["id"] for n in workflow_bed.load("id_image")["nodes"] if n["type"] == "FaceEncode")
     page.wait_for_function("(id) => (app.graph.getNodeById(id).imgs || []).length > 0", arg=encode_id, timeout=60_000)
     result = page.evaluate("""async () => {

@@ -422,42 +422,42 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path, container, 
 # The converter CLI
 
 
-def _run_cli(cache_dir: Path, *args: str, module: str = "id_animator.adapter.convert", cwd: Path | None = None):
-    env = dict(os.environ, PYTHONPATH=str(cache_dir / "pkgpath"), PYTHONDONTWRITEBYTECODE="1")
+def _run_cli(import_root: Path, *args: str, module: str = "id_animator.adapter.convert", cwd: Path | None = None):
+    env = dict(os.environ, PYTHONPATH=str(import_root), PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd or cache_dir, timeout=300)
+                          env=env, cwd=cwd or import_root, timeout=300)
 
 
-def test_cli_converts_and_verifies(tmp_path, saved_files, cache_dir):
+def test_cli_converts_and_verifies(tmp_path, saved_files, import_root):
     out = tmp_path / "animator.safetensors"
-    result = _run_cli(cache_dir, saved_files["legacy"], out)
+    result = _run_cli(import_root, saved_files["legacy"], out)
     assert result.returncode == 0, result.stderr
     assert "211 tensors" in result.stdout and "61,817,856 parameters" in result.stdout
     assert "verified identical" in result.stdout and len(result.stdout.strip().splitlines()) == 1
     assert_identical(shared_weights(), load_adapter_checkpoint(out))
 
 
-def test_cli_runs_from_the_pack_folder_and_casts(tmp_path, saved_files, cache_dir):
+def test_cli_runs_from_the_pack_folder_and_casts(tmp_path, saved_files, import_root):
     out = tmp_path / "animator_bf16.safetensors"
-    result = _run_cli(cache_dir, saved_files["zip"], out, "--dtype", "bf16", module="adapter.convert", cwd=REPO)
+    result = _run_cli(import_root, saved_files["zip"], out, "--dtype", "bf16", module="adapter.convert", cwd=REPO)
     assert result.returncode == 0, result.stderr
     converted = load_adapter_checkpoint(out)
     assert {t.dtype for t in converted.tensors()} == {torch.bfloat16}
     assert_identical(shared_weights().to(torch.bfloat16), converted)
 
 
-def test_cli_bad_file_exits_1_with_the_message(tmp_path, cache_dir):
+def test_cli_bad_file_exits_1_with_the_message(tmp_path, import_root):
     motion = tmp_path / "mm_sd_v15_v2.ckpt"
     torch.save({"down_blocks.0.motion_modules.0.temporal_transformer.norm.weight": torch.zeros(320)}, motion)
     out = tmp_path / "out.safetensors"
-    result = _run_cli(cache_dir, motion, out)
+    result = _run_cli(import_root, motion, out)
     assert result.returncode == 1
     assert "AnimateDiff motion module" in result.stderr and "animator.ckpt" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
 
 
-def test_cli_refuses_an_output_that_is_not_safetensors(tmp_path, saved_files, cache_dir):
-    result = _run_cli(cache_dir, saved_files["zip"], tmp_path / "out.ckpt")
+def test_cli_refuses_an_output_that_is_not_safetensors(tmp_path, saved_files, import_root):
+    result = _run_cli(import_root, saved_files["zip"], tmp_path / "out.ckpt")
     assert result.returncode == 2 and ".safetensors" in result.stderr
 
 
