@@ -57,9 +57,12 @@ def main() -> None:
     start = time.time()
     proc = subprocess.Popen(command)
     peak = {"pss_kib": 0, "rss_kib": 0, "at_s": 0.0, "processes": []}
+    timeline = []  # [seconds, PSS GiB] every 10 s, to see which phase of a long command peaks
     while proc.poll() is None:
         rows = [(pid, *memory_kib(pid)) for pid in tree(proc.pid)]
         pss, rss = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        if not timeline or time.time() - start - timeline[-1][0] >= 10:
+            timeline.append([round(time.time() - start), round(pss / 2**20, 2)])
         if pss > peak["pss_kib"]:
             top = sorted(rows, key=lambda r: -r[1])[:6]
             peak.update(pss_kib=pss, rss_at_pss_peak_kib=rss, at_s=round(time.time() - start, 1),
@@ -68,9 +71,9 @@ def main() -> None:
         time.sleep(args.interval)
     result = {"command": command, "exit": proc.returncode, "wall_s": round(time.time() - start, 1),
               "peak_pss_gib": round(peak["pss_kib"] / 2**20, 2), "peak_rss_sum_gib": round(peak["rss_kib"] / 2**20, 2),
-              **peak}
+              **peak, "timeline": timeline}
     text = json.dumps(result, indent=2)
-    print(text, file=sys.stderr)
+    print(json.dumps({k: v for k, v in result.items() if k != "timeline"}, indent=2), file=sys.stderr)
     if args.out:
         args.out.write_text(text + "\n")
     sys.exit(proc.returncode)

@@ -2,7 +2,7 @@
 sampling schedule: the branch must be on exactly at the steps whose place in the schedule (ComfyUI's
 own timestep of the step's sigma) lies between them, and off elsewhere, over several steps; each
 layer's output is checked against text + λ·face computed here from animator.ckpt and the recorded
-q/k/v. IDMix's blend_end = -1 means "no morph" through a real graph."""
+q/k/v."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 
 from support.attn2_reference import (INDEX_OF_KEY, adapter_tensors, face_branch, recording, rel_err, sample,
                                      text_branch)
-from support.graphs import ADAPTER, CLIP_VISION, DETECTOR, UNET, id_mix_graph, saved_latent
+from support.graphs import ADAPTER, CLIP_VISION, DETECTOR, UNET
 from support.photos import astronaut_image
 
 REL_TOL = 2e-5
@@ -51,14 +51,3 @@ def test_face_branch_runs_exactly_between_start_and_end(comfy, bed, start_at, en
         on = schedule_fraction(unet, call["sigma"]) in on_steps
         expected = text + face if on else text
         assert rel_err(call["out"], expected) <= REL_TOL, (call["key"], call["sigma"], on)
-
-
-def test_id_mix_blend_end_minus_one_is_a_static_blend(comfy, comfy_base):
-    def latent(blend_end: float, prefix: str):
-        result = comfy.run(id_mix_graph(0.3, blend_end, prefix=prefix))
-        assert result.success, result.error_message
-        return saved_latent(comfy_base / "output", result.outputs["save"])
-
-    unset = latent(-1.0, "mix_unset")
-    assert torch.equal(unset, latent(0.3, "mix_static"))
-    assert not torch.allclose(unset, latent(1.0, "mix_morph"))  # a morph shows in this graph
