@@ -56,8 +56,7 @@ def _released_after(item, nextitem, name: str) -> bool:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     last_users = [item.funcargs.get(name) for name in RELEASED_AFTER_LAST_USE if _released_after(item, nextitem, name)]
-    yield  # module fixtures (which may hold models) are torn down first
-    item.funcargs.clear()  # pytest keeps each test's fixture values, models included, to the end
+    yield  # module fixtures (which may hold models) are torn down, and tests/conftest.py clears funcargs
     for holder in last_users:
         if holder is not None:
             holder.release()
