@@ -1,4 +1,4 @@
-# Sourced by scripts/test and scripts/run: `bootstrap VAR...` builds the cached environment (once)
+# Sourced by scripts/test, scripts/run and bench/run_all: `bootstrap VAR...` builds the cached environment (once)
 # and sets the array `paths` to the values asked for, in order. The bootstrap writes only those
 # values to standard output; its progress and errors go to standard error.
 bootstrap() {
