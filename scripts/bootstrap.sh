@@ -1,6 +1,6 @@
-# Sourced by scripts/test, scripts/run and bench/run_all: `bootstrap VAR...` builds the cached environment (once)
-# and sets the array `paths` to the values asked for, in order. The bootstrap writes only those
-# values to standard output; its progress and errors go to standard error.
+# Sourced by scripts/test, scripts/run and bench/run_all: `bootstrap VAR...` builds the cached
+# environment (once) and sets the array `paths` to the values asked for, in order. The bootstrap
+# writes only those values to standard output; its progress and errors go to standard error.
 bootstrap() {
     local boot="${PYTHON_BOOT:-python3.11}" out
     if ! command -v "$boot" >/dev/null; then
