@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from support.attn2_reference import INDEX_OF_KEY, adapter_tensors, face_branch, recording, rel_err, sample, text_branch
-from support.graphs import ADAPTER, CLIP_VISION, DETECTOR, UNET
-from support.photos import astronaut_image
+from support.graphs import ADAPTER, loaded_identity
 
 REL_TOL = 2e-5
 HEIGHT, WIDTH = 64, 96
@@ -42,11 +41,7 @@ def token_weights(masks: torch.Tensor, key: tuple, tokens: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def bed(comfy, model_files):
-    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
-    unet = comfy.nodes.UNETLoader().load_unet(UNET, "default")[0]
-    ida = nodes["LoadIDAnimator"].execute(ADAPTER, CLIP_VISION, DETECTOR, "CPU").args[0]
-    photo = torch.from_numpy(astronaut_image()).float()[None] / 255.0
-    embeds = nodes["FaceEncode"].execute(ida, photo, "most confident", 0, "error").args[0]
+    unet, ida, [embeds] = loaded_identity(comfy)
     return unet, ida, embeds, adapter_tensors(model_files["id_animator"][ADAPTER])
 
 

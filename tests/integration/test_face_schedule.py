@@ -10,8 +10,7 @@ import torch
 
 from support.attn2_reference import (INDEX_OF_KEY, adapter_tensors, face_branch, recording, rel_err, sample,
                                      text_branch)
-from support.graphs import ADAPTER, CLIP_VISION, DETECTOR, UNET
-from support.photos import astronaut_image
+from support.graphs import ADAPTER, loaded_identity
 
 REL_TOL = 2e-5
 STEPS = 4  # the normal schedule puts them at 0, 1/3, 2/3 and 1 of the way: far from every edge below
@@ -19,11 +18,7 @@ STEPS = 4  # the normal schedule puts them at 0, 1/3, 2/3 and 1 of the way: far 
 
 @pytest.fixture(scope="module")
 def bed(comfy, model_files):
-    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
-    unet = comfy.nodes.UNETLoader().load_unet(UNET, "default")[0]
-    ida = nodes["LoadIDAnimator"].execute(ADAPTER, CLIP_VISION, DETECTOR, "CPU").args[0]
-    photo = torch.from_numpy(astronaut_image()).float()[None] / 255.0
-    embeds = nodes["FaceEncode"].execute(ida, photo, "most confident", 0, "error").args[0]
+    unet, ida, [embeds] = loaded_identity(comfy)
     return unet, ida, embeds, adapter_tensors(model_files["id_animator"][ADAPTER])
 
 

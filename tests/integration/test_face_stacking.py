@@ -11,21 +11,14 @@ import torch
 from support.attn2_reference import (INDEX_OF_KEY, MODEL_NAMES, SPEC_LAYERS, adapter_tensors, attention,
                                      base_attn2_weights, capturing_weights, face_branch, lora_deltas, recording,
                                      rel_err, sample, text_branch)
-from support.graphs import ADAPTER, CLIP_VISION, DETECTOR, UNET
-from support.photos import astronaut_image
+from support.graphs import ADAPTER, UNET, loaded_identity
 
 REL_TOL = 2e-5
 
 
 @pytest.fixture(scope="module")
 def bed(comfy, model_files):
-    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
-    unet = comfy.nodes.UNETLoader().load_unet(UNET, "default")[0]
-    ida = nodes["LoadIDAnimator"].execute(ADAPTER, CLIP_VISION, DETECTOR, "CPU").args[0]
-    photo = torch.from_numpy(astronaut_image()).float()[None] / 255.0
-    encode = nodes["FaceEncode"]
-    embeds_a = encode.execute(ida, photo, "most confident", 0, "error").args[0]
-    embeds_b = encode.execute(ida, photo.flip(2), "most confident", 0, "error").args[0]  # another crop
+    unet, ida, [embeds_a, embeds_b] = loaded_identity(comfy, photos=2)
     return unet, ida, embeds_a, embeds_b, adapter_tensors(model_files["id_animator"][ADAPTER])
 
 

@@ -11,17 +11,12 @@ import torch
 
 from support.attn2_reference import (MODEL_NAMES, adapter_tensors, base_attn2_weights, capturing_weights,
                                      lora_deltas, sample)
-from support.graphs import ADAPTER, CLIP_VISION, DETECTOR, UNET
-from support.photos import astronaut_image
+from support.graphs import ADAPTER, UNET, loaded_identity
 
 
 @pytest.fixture(scope="module")
 def bed(comfy, model_files):
-    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
-    unet = comfy.nodes.UNETLoader().load_unet(UNET, "default")[0]
-    ida = nodes["LoadIDAnimator"].execute(ADAPTER, CLIP_VISION, DETECTOR, "CPU").args[0]
-    photo = torch.from_numpy(astronaut_image()).float()[None] / 255.0
-    embeds = nodes["FaceEncode"].execute(ida, photo, "most confident", 0, "error").args[0]
+    unet, ida, [embeds] = loaded_identity(comfy)
     base = {name: w.float() for name, w in base_attn2_weights(model_files["diffusion_models"][UNET]).items()}
     deltas = lora_deltas(adapter_tensors(model_files["id_animator"][ADAPTER]))
     return unet, ida, embeds, base, deltas
