@@ -11,3 +11,7 @@ class CheckpointError(IDAnimatorError, ValueError):
 
 class NoFaceError(IDAnimatorError, ValueError):
     """No usable face in the given image(s)."""
+
+
+class TrainingError(IDAnimatorError, ValueError):
+    """Bad training input: a missing or unreadable video, a wrong model file, an empty dataset."""

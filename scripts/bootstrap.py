@@ -103,7 +103,8 @@ def env_key(comfy_requirements: Path) -> str:
     h = hashlib.sha256()
     for part in (TORCH, [TORCHAUDIO], [sys.version.split()[0]]):
         h.update(repr(part).encode())
-    for f in (REPO / "requirements.txt", REPO / "requirements-test.txt", comfy_requirements):
+    for f in (REPO / "requirements.txt", REPO / "requirements-train.txt", REPO / "requirements-test.txt",
+              comfy_requirements):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -132,7 +133,8 @@ def ensure_venv(comfyui: Path) -> Path:
     reqs = CACHE / "comfyui-requirements.txt"
     filtered_comfy_requirements(comfyui / "requirements.txt", reqs)
     run("pip-comfyui", *pip, "-r", str(reqs))
-    run("pip-pack", *pip, "-r", str(REPO / "requirements.txt"), "-r", str(REPO / "requirements-test.txt"))
+    run("pip-pack", *pip, *(arg for name in ("requirements.txt", "requirements-train.txt", "requirements-test.txt")
+                            for arg in ("-r", str(REPO / name))))
     run("pip-check", str(venv / "bin" / "python"), "-m", "pip", "check",
         advice=f"the environment has conflicting packages: delete {venv} and run the command again.")
     marker.touch()

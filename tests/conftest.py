@@ -31,20 +31,22 @@ CACHE = PATHS["cache"]
 
 
 def _make_importable() -> Path:
-    """Expose `adapter/` as `id_animator.adapter` (a namespace package holding only the pure core:
-    the pack's own __init__ imports ComfyUI, which unit tests must not need). One folder per
-    checkout: two clones sharing the cache each import their own code."""
+    """Expose `adapter/` and `train/` as `id_animator.adapter` and `id_animator.train`: a namespace
+    package holding only the parts that never import ComfyUI (the pack's own __init__ imports
+    ComfyUI, which unit tests must not need). One folder per checkout: two clones sharing the
+    cache each import their own code."""
     root = CACHE / "pkgpath" / hashlib.sha256(str(REPO).encode()).hexdigest()[:16]
     package = root / PACKAGE
     if package.is_symlink():
         package.unlink()
     package.mkdir(parents=True, exist_ok=True)
-    link = package / "adapter"
-    if not (link.is_symlink() and link.resolve() == REPO / "adapter"):
-        tmp = package / f".adapter.{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(REPO / "adapter", target_is_directory=True)
-        os.replace(tmp, link)
+    for name in ("adapter", "train"):
+        link = package / name
+        if not (link.is_symlink() and link.resolve() == REPO / name):
+            tmp = package / f".{name}.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(REPO / name, target_is_directory=True)
+            os.replace(tmp, link)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return root

@@ -1,0 +1,16 @@
+"""Training ID-Animator (the paper's §3.3-§4.1, never released by its authors) on diffusers + accelerate.
+
+Never imports ComfyUI or `nodes/`; shares the attention maths and the checkpoint rules with
+`adapter/`. Command line: `python -m id_animator.train <command> --help` (see TRAINING.md).
+
+Modules, in the order data flows through them:
+- `video`: finding and reading the training videos;
+- `face_pool`: per video, up to 5 aligned single-face crops (random face extraction, §3.3.2);
+- `captions`: attribute + action captions merged into one unified caption (§3.3.1);
+- `latents`: clips of N frames encoded once with the SD1.5 VAE, stored in safetensors shards;
+- `data`: the training set: a clip, its caption (or null text), a reference face from its pool;
+- `model`: the frozen UNet + motion module, and the trainable adapter (Resampler, face K/V, LoRA);
+- `loop`: random reference training with accelerate (one GPU to many machines);
+- `export`: the trained adapter as `animator.ckpt` and `.safetensors`, verified on re-read;
+- `score`: identity scores of generated videos (face similarity, CLIP-I).
+"""
