@@ -7,13 +7,15 @@ from comfy_api.latest import io
 
 from ..adapter.errors import IDAnimatorError
 from ..adapter.face_attention import project_face_tokens
-from ..adapter.identity import FaceEmbeds
+from ..adapter.identity import FaceEmbeds, require_adapter
 from ..adapter.layer_map import LAYERS, TEXT_CONTEXT_DIM
 from ..adapter.lora import attn2_lora_pairs
 from .attention_patch import FaceAttentionPatch
 from .types import FACE_EMBEDS, ID_ANIMATOR, IDAnimator
 
-LORA_MARK = "id_animator_lora"  # model_options key: adapters whose LoRA this model already carries
+# model_options key: fingerprints of the adapters whose LoRA this model already carries (the
+# fingerprint, not the file name: one adapter under two names must not merge twice)
+LORA_MARK = "id_animator_lora"
 
 
 def check_sd15(model) -> None:
@@ -78,17 +80,18 @@ class ApplyFaceAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, id_animator: IDAnimator, face_embeds: FaceEmbeds, weight: float, start_at: float,
                 end_at: float, lora_strength: float, attn_mask: torch.Tensor | None = None) -> io.NodeOutput:
+        require_adapter(face_embeds, id_animator.source)
         check_sd15(model)
         if start_at > end_at:
             raise IDAnimatorError(f"ApplyFaceAdapter: start_at ({start_at}) is after end_at ({end_at}).")
         patched = model.clone()
         applied = set(patched.model_options.get(LORA_MARK, ()))
-        if lora_strength != 0.0 and id_animator.adapter_name not in applied:
+        if lora_strength != 0.0 and id_animator.source.fingerprint not in applied:
             pairs = attn2_lora_pairs(id_animator.weights.layers)
             patches = {key: LoRAAdapter(set(), (pair.up, pair.down, None, None, None, None))
                        for key, pair in pairs.items()}
             patched.add_patches(patches, strength_patch=lora_strength)
-            patched.model_options[LORA_MARK] = tuple(sorted(applied | {id_animator.adapter_name}))
+            patched.model_options[LORA_MARK] = tuple(sorted(applied | {id_animator.source.fingerprint}))
         sigma_start, sigma_end = sigma_range(model, start_at, end_at)
         mask = None if attn_mask is None else (attn_mask[None] if attn_mask.dim() == 2 else attn_mask).float()
         uncond = face_embeds.uncond_tokens[None].float()

@@ -98,5 +98,5 @@ class FaceEncode(io.ComfyNode):
             face_tokens = resample(id_animator, hidden)  # (N,16,768)
             uncond = uncond_tokens(lambda px: clip_penultimate(clip_vision, px),
                                    lambda h: resample(id_animator, h), device="cpu")
-        embeds = single_identity(face_tokens, uncond.float().cpu())
+        embeds = single_identity(face_tokens, uncond.float().cpu(), id_animator.source)
         return io.NodeOutput(embeds, crop_batch, ui=ui.PreviewImage(crop_batch, cls=cls))

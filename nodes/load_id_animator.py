@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import comfy.clip_vision
 import comfy.model_management
@@ -13,6 +14,7 @@ from comfy_api.latest import io
 from ..adapter.checkpoint import load_adapter_checkpoint, read_state_dict
 from ..adapter.errors import CheckpointError
 from ..adapter.face_detection import FaceDetector, resolve_providers
+from ..adapter.identity import AdapterSource
 from ..adapter.resampler import Resampler
 from . import folders
 from .types import ID_ANIMATOR, IDAnimator
@@ -112,6 +114,9 @@ class LoadIDAnimator(io.ComfyNode):
     @classmethod
     def execute(cls, adapter_name: str, clip_vision_name: str, face_detector: str, provider: str) -> io.NodeOutput:
         weights = load_adapter_checkpoint(folder_paths.get_full_path_or_raise(folders.ADAPTER_FOLDER, adapter_name))
+        started = time.perf_counter()
+        source = AdapterSource.of(weights, adapter_name)  # FACE_EMBEDS carry it: see adapter.identity
+        logging.info("ID-Animator: adapter %s fingerprinted in %.2f s", source, time.perf_counter() - started)
         resampler = Resampler()
         resampler.load_state_dict(weights.resampler)
         resampler.eval()
@@ -122,4 +127,4 @@ class LoadIDAnimator(io.ComfyNode):
         detector = FaceDetector(folders.detector_pack_path(face_detector), resolve_providers(provider))
         logging.info("ID-Animator: loaded %s; face detector %s runs on %s", adapter_name, face_detector,
                      ", ".join(detector.providers_in_use))
-        return io.NodeOutput(IDAnimator(adapter_name, weights, resampler_patcher, clip_vision, detector))
+        return io.NodeOutput(IDAnimator(adapter_name, weights, resampler_patcher, clip_vision, detector, source))

@@ -4,9 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from id_animator.adapter.checkpoint import (
+    AdapterWeights, load_adapter_checkpoint, official_state_dict, random_adapter_weights,
+    save_adapter_safetensors)
 from id_animator.adapter.errors import IDAnimatorError
 from id_animator.adapter.identity import (
-    Blend, FaceEmbeds, Identity, average_photos, blend, single_identity, weighted_blend)
+    AdapterSource, Blend, FaceEmbeds, Identity, adapter_fingerprint, average_photos, blend,
+    require_adapter, single_identity, weighted_blend)
 
 WIDTH = 768
 
@@ -146,3 +150,101 @@ def test_invalid_inputs_are_rejected() -> None:
     other_width = single_identity(torch.zeros(1, 16, 1024), torch.zeros(16, 1024))
     with pytest.raises(IDAnimatorError, match="same ID-Animator"):
         blend(a, other_width, 0.5)
+
+
+# --- Which adapter made the embeds -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_weights() -> AdapterWeights:
+    """Random weights at the official full size (61.8 M parameters), fp32."""
+    torch.set_num_threads(1)
+    return random_adapter_weights(seed=7)
+
+
+def test_fingerprint_is_the_same_across_loads_files_and_dtypes(full_weights, tmp_path) -> None:
+    """animator.ckpt (official state_dict container, fp32) and its fp16 flat .safetensors, each
+    loaded on its own, are one adapter; so is the same file under another name."""
+    ckpt = tmp_path / "animator.ckpt"
+    torch.save(official_state_dict(full_weights, "state_dict_module"), ckpt)
+    converted = tmp_path / "animator_fp16.safetensors"
+    save_adapter_safetensors(full_weights.to(torch.float16), converted)
+    fingerprint = adapter_fingerprint(full_weights)
+    assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
+    assert adapter_fingerprint(load_adapter_checkpoint(ckpt)) == fingerprint
+    assert adapter_fingerprint(load_adapter_checkpoint(ckpt)) == fingerprint  # a second load
+    fp16 = load_adapter_checkpoint(converted)
+    assert next(fp16.tensors()).dtype == torch.float16
+    assert adapter_fingerprint(fp16) == fingerprint
+    assert AdapterSource.of(fp16, "animator_fp16.safetensors") == AdapterSource.of(full_weights, "animator.ckpt")
+
+
+def test_fingerprint_changes_with_any_weight(full_weights) -> None:
+    fingerprint = adapter_fingerprint(full_weights)
+    assert adapter_fingerprint(random_adapter_weights(seed=8)) != fingerprint
+    # one face value projection of the last layer, one element: a fine-tune that moved little
+    layers = {i: dict(layer) for i, layer in full_weights.layers.items()}
+    nudged = layers[31]["to_v_face.weight"].clone()
+    nudged[-1, -1] += 0.01
+    layers[31]["to_v_face.weight"] = nudged
+    assert adapter_fingerprint(AdapterWeights(full_weights.resampler, layers)) != fingerprint
+    # two tensors swapped (same shapes): names are part of the fingerprint
+    swapped = {i: dict(layer) for i, layer in full_weights.layers.items()}
+    swapped[1]["to_k_face.weight"], swapped[1]["to_v_face.weight"] = (
+        swapped[1]["to_v_face.weight"], swapped[1]["to_k_face.weight"])
+    assert adapter_fingerprint(AdapterWeights(full_weights.resampler, swapped)) != fingerprint
+    # bf16 rounds away 3 more bits than fp16: a different (if close) adapter, as documented
+    assert adapter_fingerprint(full_weights.to(torch.bfloat16)) != fingerprint
+
+
+def tagged(seed: int, source: AdapterSource | None) -> FaceEmbeds:
+    embeds = person(seed)
+    return FaceEmbeds(embeds.face_tokens, embeds.uncond_tokens, embeds.schedule, source)
+
+
+A = AdapterSource("a1" * 32, "animator.ckpt")
+B = AdapterSource("b2" * 32, "my_finetune.safetensors")
+
+
+def test_blends_refuse_embeds_of_different_adapters_and_name_both() -> None:
+    a, b = tagged(100, A), tagged(101, B)
+    for mix in (lambda: blend(a, b, 0.5), lambda: blend(b, a, 0.0, 1.0),
+                lambda: weighted_blend([a, tagged(102, A), b], [1.0, 1.0, 1.0])):
+        with pytest.raises(IDAnimatorError) as error:
+            mix()
+        message = str(error.value)
+        for word in ("animator.ckpt", "a1a1a1a1a1a1", "my_finetune.safetensors", "b2b2b2b2b2b2",
+                     "same Load ID-Animator"):
+            assert word in message, (word, message)
+
+
+def test_same_adapter_under_another_name_mixes_and_keeps_its_source() -> None:
+    copy = AdapterSource(A.fingerprint, "animator_copy.ckpt")
+    assert copy == A and hash(copy) == hash(A)
+    mixed = blend(tagged(110, A), tagged(111, copy), 0.25)
+    assert mixed.adapter == A and mixed.identities == 2
+    three = weighted_blend([tagged(112, A), tagged(113, A), tagged(114, copy)], [1.0, 2.0, 3.0])
+    assert three.adapter == A
+    # unknown origin (built in code) anywhere in a mix makes the mix's origin unknown
+    assert blend(tagged(115, A), tagged(116, None), 0.5).adapter is None
+    assert single_identity(torch.zeros(1, 16, WIDTH), torch.zeros(16, WIDTH), A).adapter is A
+
+
+def test_require_adapter_names_both_and_says_what_to_do() -> None:
+    require_adapter(tagged(120, A), AdapterSource(A.fingerprint, "renamed.ckpt"))  # same weights
+    require_adapter(tagged(121, None), B)  # built in code: nothing to check
+    with pytest.raises(IDAnimatorError) as error:
+        require_adapter(tagged(122, A), B)
+    message = str(error.value)
+    for word in ("ApplyFaceAdapter", "animator.ckpt", "a1a1a1a1a1a1", "my_finetune.safetensors",
+                 "b2b2b2b2b2b2", "same Load ID-Animator"):
+        assert word in message, (word, message)
+    assert message.index("animator.ckpt") < message.index("my_finetune")  # embeds' adapter first
+
+
+def test_names_alike_adapters_are_told_apart_by_full_fingerprints() -> None:
+    one = AdapterSource("c" * 12 + "0" * 52, "animator.ckpt")
+    two = AdapterSource("c" * 12 + "1" * 52, "animator.ckpt")
+    with pytest.raises(IDAnimatorError) as error:
+        require_adapter(tagged(130, one), two)
+    assert one.fingerprint in str(error.value) and two.fingerprint in str(error.value)
