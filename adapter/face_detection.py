@@ -372,6 +372,17 @@ def align_face(image_rgb: np.ndarray | torch.Tensor, kps: np.ndarray) -> np.ndar
     warpAffine treats channels independently, so cropping the RGB image equals the official
     BGR crop followed by BGR->RGB, bit for bit.
     """
+    crop_112 = norm_crop(image_rgb, kps, ALIGN_SIZE)
+    crop = Image.fromarray(crop_112).resize((CROP_SIZE, CROP_SIZE), Image.Resampling.BICUBIC)
+    return np.asarray(crop, dtype=np.uint8).copy()
+
+
+def norm_crop(image_rgb: np.ndarray | torch.Tensor, kps: np.ndarray, size: int = ALIGN_SIZE) -> np.ndarray:
+    """insightface `face_align.norm_crop`: the 5 keypoints onto the ArcFace template, size x size RGB.
+
+    The crop every insightface recognition model is fed (`ArcFaceONNX.get`), and the first step
+    of the official ID-Animator crop.
+    """
     from insightface.utils import face_align
 
     image_rgb = to_rgb_uint8(image_rgb)
@@ -381,9 +392,7 @@ def align_face(image_rgb: np.ndarray | torch.Tensor, kps: np.ndarray) -> np.ndar
     with warnings.catch_warnings():
         # insightface calls skimage's SimilarityTransform.estimate, deprecated in skimage 0.26
         warnings.simplefilter("ignore", FutureWarning)
-        crop_112 = face_align.norm_crop(image_rgb, kps, ALIGN_SIZE)
-    crop = Image.fromarray(crop_112).resize((CROP_SIZE, CROP_SIZE), Image.Resampling.BICUBIC)
-    return np.asarray(crop, dtype=np.uint8).copy()
+        return face_align.norm_crop(image_rgb, kps, int(size))
 
 
 def _check_mode(mode: str) -> None:
@@ -424,6 +433,18 @@ def detect_and_align(detector: FaceDetector, image: np.ndarray | torch.Tensor, m
     Detection runs on a copy downscaled to MAX_DETECT_SIDE; the crop uses the full image.
     """
     _check_mode(mode)
+    image_rgb = to_rgb_uint8(image)
+    faces = detect_faces(detector, image_rgb, det_sizes)
+    if not faces:
+        return None
+    face = select_face(faces, mode, index)
+    return AlignedFace(crop=align_face(image_rgb, face.kps), face=face, faces_found=len(faces))
+
+
+def detect_faces(detector: FaceDetector, image: np.ndarray | torch.Tensor,
+                 det_sizes: Sequence[int] = DETECTION_SIZES) -> list[DetectedFace]:
+    """Every face at the first detection size that finds any (see the module docstring), in the
+    input image's pixels, most confident first; [] when no size finds one."""
     if not det_sizes:
         raise IDAnimatorError("det_sizes is empty; give at least one detection size, e.g. (640,).")
     image_rgb = to_rgb_uint8(image)
@@ -438,9 +459,6 @@ def detect_and_align(detector: FaceDetector, image: np.ndarray | torch.Tensor, m
         faces = detector.detect(small, det_size)
         if faces:
             break
-    if not faces:
-        return None
     if scale != 1.0:
         faces = [face.scaled(1.0 / scale) for face in faces]
-    face = select_face(faces, mode, index)
-    return AlignedFace(crop=align_face(image_rgb, face.kps), face=face, faces_found=len(faces))
+    return faces
