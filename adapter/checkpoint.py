@@ -43,23 +43,26 @@ LORA_RANK = 128  # official §3.3: rank-128 LoRA on attn2 q/k/v/out
 ADAPTER_WIDTHS: dict[int, int] = {layer.official_index: layer.channels for layer in LAYERS}  # §3.4
 
 
-def _resampler_shapes() -> dict[str, tuple[int, ...]]:
-    """The 51 `image_proj` tensors of official §3.2 (29,918,208 parameters)."""
-    d, ff = RESAMPLER_DIM, RESAMPLER_DIM * FF_MULT
+def resampler_shapes(dim: int = RESAMPLER_DIM, depth: int = RESAMPLER_DEPTH, dim_head: int = 64,
+                     heads: int = 12, num_queries: int = NUM_QUERIES, embedding_dim: int = CLIP_WIDTH,
+                     output_dim: int = TEXT_CONTEXT_DIM, ff_mult: int = FF_MULT) -> dict[str, tuple[int, ...]]:
+    """The `image_proj` tensors of a Resampler; the defaults give official §3.2's 51 tensors
+    (29,918,208 parameters). Other sizes serve models trained at other widths (tiny test UNets)."""
+    d, inner, ff = dim, dim_head * heads, dim * ff_mult
     shapes: dict[str, tuple[int, ...]] = {
-        "latents": (1, NUM_QUERIES, d),
-        "proj_in.weight": (d, CLIP_WIDTH), "proj_in.bias": (d,),
-        "proj_out.weight": (TEXT_CONTEXT_DIM, d), "proj_out.bias": (TEXT_CONTEXT_DIM,),
-        "norm_out.weight": (TEXT_CONTEXT_DIM,), "norm_out.bias": (TEXT_CONTEXT_DIM,),
+        "latents": (1, num_queries, d),
+        "proj_in.weight": (d, embedding_dim), "proj_in.bias": (d,),
+        "proj_out.weight": (output_dim, d), "proj_out.bias": (output_dim,),
+        "norm_out.weight": (output_dim,), "norm_out.bias": (output_dim,),
     }
-    for layer in range(RESAMPLER_DEPTH):
+    for layer in range(depth):
         attn, ffn = f"layers.{layer}.0", f"layers.{layer}.1"
         shapes.update({
             f"{attn}.norm1.weight": (d,), f"{attn}.norm1.bias": (d,),
             f"{attn}.norm2.weight": (d,), f"{attn}.norm2.bias": (d,),
-            f"{attn}.to_q.weight": (d, d),
-            f"{attn}.to_kv.weight": (2 * d, d),  # rows: K then V
-            f"{attn}.to_out.weight": (d, d),
+            f"{attn}.to_q.weight": (inner, d),
+            f"{attn}.to_kv.weight": (2 * inner, d),  # rows: K then V
+            f"{attn}.to_out.weight": (d, inner),
             f"{ffn}.0.weight": (d,), f"{ffn}.0.bias": (d,),  # FF LayerNorm
             f"{ffn}.1.weight": (ff, d),
             f"{ffn}.3.weight": (d, ff),
@@ -67,9 +70,10 @@ def _resampler_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def adapter_layer_shapes(width: int) -> dict[str, tuple[int, ...]]:
+def adapter_layer_shapes(width: int, context_dim: int = TEXT_CONTEXT_DIM,
+                         rank: int = LORA_RANK) -> dict[str, tuple[int, ...]]:
     """The 10 tensors of one attn2 adapter module with hidden size `width` (official §3.3)."""
-    ctx, r = TEXT_CONTEXT_DIM, LORA_RANK
+    ctx, r = context_dim, rank
     return {
         "to_k_face.weight": (width, ctx), "to_v_face.weight": (width, ctx),
         "to_q_lora.down.weight": (r, width), "to_q_lora.up.weight": (width, r),
@@ -79,15 +83,34 @@ def adapter_layer_shapes(width: int) -> dict[str, tuple[int, ...]]:
     }
 
 
-RESAMPLER_SHAPES = _resampler_shapes()
+def flat_shapes(resampler: Mapping[str, tuple[int, ...]],
+                layers: Mapping[int, Mapping[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    """Canonical (flat) names -> shapes: image_proj.<k>, face_adapter.<i>.<k>."""
+    return {**{f"image_proj.{key}": shape for key, shape in resampler.items()},
+            **{f"face_adapter.{index}.{key}": shape
+               for index, layer in layers.items() for key, shape in layer.items()}}
+
+
+RESAMPLER_SHAPES = resampler_shapes()
 ADAPTER_SHAPES: dict[int, dict[str, tuple[int, ...]]] = {
     index: adapter_layer_shapes(width) for index, width in ADAPTER_WIDTHS.items()}
-# Canonical (flat) names: the layout save_adapter_safetensors writes.
-EXPECTED_SHAPES: dict[str, tuple[int, ...]] = {
-    **{f"image_proj.{key}": shape for key, shape in RESAMPLER_SHAPES.items()},
-    **{f"face_adapter.{index}.{key}": shape
-       for index, layer in ADAPTER_SHAPES.items() for key, shape in layer.items()},
-}
+# Canonical (flat) names: the layout save_adapter_safetensors writes. SD1.5, the loader's default;
+# `expected=` of the readers below takes another table of the same form (see flat_shapes).
+EXPECTED_SHAPES: dict[str, tuple[int, ...]] = flat_shapes(RESAMPLER_SHAPES, ADAPTER_SHAPES)
+
+
+def _split_expected(expected: Mapping[str, tuple[int, ...]]) -> tuple[list[str], dict[int, list[str]]]:
+    """(resampler keys, index -> layer keys) of a flat shape table, in its order."""
+    resampler: list[str] = []
+    layers: dict[int, list[str]] = {}
+    for name in expected:
+        group, _, key = name.partition(".")
+        if group == "image_proj":
+            resampler.append(key)
+        else:
+            index, _, param = key.partition(".")
+            layers.setdefault(int(index), []).append(param)
+    return resampler, layers
 
 
 @dataclass(frozen=True)
@@ -262,7 +285,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
 # Validating the content
 
 
-def _canonical_key(key: object) -> str | None:
+def _canonical_key(key: object, expected: Mapping[str, tuple[int, ...]] = EXPECTED_SHAPES) -> str | None:
     """The flat name (image_proj.<k> / face_adapter.<i>.<k>) of an official key, else None."""
     if not isinstance(key, str):
         return None
@@ -271,7 +294,7 @@ def _canonical_key(key: object) -> str | None:
                               ("image_proj.", "image_proj."), ("face_adapter.", "face_adapter.")):
         if key.startswith(prefix):
             name = canonical + key[len(prefix):]
-            return name if name in EXPECTED_SHAPES else None
+            return name if name in expected else None
     return None
 
 
@@ -325,47 +348,46 @@ def _check_tensor(name: str, value: Any, shape: tuple[int, ...]) -> tuple[str | 
     return None, None
 
 
-def _validate(pairs: list[tuple[str, Any]]) -> tuple[dict[str, torch.Tensor], _Problems]:
+def _validate(pairs: list[tuple[str, Any]], expected: Mapping[str, tuple[int, ...]]
+              ) -> tuple[dict[str, torch.Tensor], _Problems]:
     found: dict[str, torch.Tensor] = {}
     problems = _Problems([], [], [], [])
     for key, value in pairs:
-        name = _canonical_key(key)
+        name = _canonical_key(key, expected)
         if name is None:
             problems.unexpected.append(key)
             continue
         if name in found:
             problems.unexpected.append(f"{key} (a second copy of {name})")
             continue
-        shape_problem, value_problem = _check_tensor(key, value, EXPECTED_SHAPES[name])
+        shape_problem, value_problem = _check_tensor(key, value, expected[name])
         if shape_problem:
             problems.mis_shaped.append(shape_problem)
         if value_problem:
             problems.bad_values.append(value_problem)
         found[name] = value
-    problems.missing = [name for name in EXPECTED_SHAPES if name not in found]
+    problems.missing = [name for name in expected if name not in found]
     return found, problems
 
 
-def parse_adapter_state(state: Mapping[str, Any], source: str = "<checkpoint>") -> AdapterWeights:
-    """Validate every key/shape/dtype of an animator.ckpt dict (official §3) and split it."""
+def parse_adapter_state(state: Mapping[str, Any], source: str = "<checkpoint>",
+                        expected: Mapping[str, tuple[int, ...]] | None = None) -> AdapterWeights:
+    """Validate every key/shape/dtype of an animator.ckpt dict (official §3) and split it.
+
+    `expected` (flat names -> shapes, see `flat_shapes`) defaults to SD1.5's official table;
+    training passes the table of the model it trained on (e.g. a tiny test UNet)."""
+    expected = EXPECTED_SHAPES if expected is None else expected
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source}: holds a {type(state).__name__}, not a dict of tensors. "
                               + EXPECTED_FILE)
     pairs, container = _entries(state)
-    found, problems = _validate(pairs)
+    found, problems = _validate(pairs, expected)
     if problems:
-        raise CheckpointError(_describe_failure(state, source, container, len(found), problems))
-    layers: dict[int, dict[str, torch.Tensor]] = {index: {} for index in ADAPTER_SHAPES}
-    resampler: dict[str, torch.Tensor] = {}
-    for name, tensor in found.items():
-        group, _, key = name.partition(".")
-        if group == "image_proj":
-            resampler[key] = tensor
-        else:
-            index, _, param = key.partition(".")
-            layers[int(index)][param] = tensor
-    return AdapterWeights(resampler={k: resampler[k] for k in RESAMPLER_SHAPES},
-                          layers={i: {k: layers[i][k] for k in shapes} for i, shapes in ADAPTER_SHAPES.items()})
+        raise CheckpointError(_describe_failure(state, source, container, len(found), problems, expected))
+    resampler_keys, layer_keys = _split_expected(expected)
+    return AdapterWeights(
+        resampler={k: found[f"image_proj.{k}"] for k in resampler_keys},
+        layers={i: {k: found[f"face_adapter.{i}.{k}"] for k in keys} for i, keys in layer_keys.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +420,8 @@ def _looks_sdxl(shapes: dict[str, tuple[int, ...] | None]) -> bool:
     return 2048 in context or max(indices, default=0) > 31 or 2048 in outputs
 
 
-def _identify(state: Mapping[Any, Any], container: str, found: int, problems: _Problems) -> str:
+def _identify(state: Mapping[Any, Any], container: str, found: int, problems: _Problems,
+              expected: Mapping[str, tuple[int, ...]] = EXPECTED_SHAPES) -> str:
     """A sentence naming what the file seems to be and where it belongs, or ''."""
     shapes = _flat_shapes(state)
     keys = list(shapes)
@@ -431,7 +454,7 @@ def _identify(state: Mapping[Any, Any], container: str, found: int, problems: _P
     if has(r"^lora_(unet|te)_") or has(r"\.lora_(down|up)\.weight$"):
         return "It looks like a LoRA file; it belongs in models/loras/."
     if found and problems.missing and not (problems.unexpected or problems.mis_shaped or problems.bad_values):
-        return (f"It holds only {found} of the {len(EXPECTED_SHAPES)} adapter tensors, all correct: the file "
+        return (f"It holds only {found} of the {len(expected)} adapter tensors, all correct: the file "
                 "looks truncated or partial (an interrupted download or an incomplete save); re-download it.")
     if container != "flat" and not found:
         return f"It has a '{container}' container but none of the adapter keys inside."
@@ -443,14 +466,15 @@ def _listed(items: list[str], cap: int = 6) -> str:
     return shown + (f"; ... and {len(items) - cap} more" if len(items) > cap else "")
 
 
-def _missing_groups(missing: list[str]) -> list[str]:
+def _missing_groups(missing: list[str], expected: Mapping[str, tuple[int, ...]] = EXPECTED_SHAPES) -> list[str]:
     """Missing names, whole groups folded: 'all 51 image_proj tensors', 'face_adapter.21.* (10 tensors)'."""
     gone = set(missing)
     items: list[str] = []
-    resampler = [f"image_proj.{k}" for k in RESAMPLER_SHAPES]
+    resampler_keys, layer_keys = _split_expected(expected)
+    resampler = [f"image_proj.{k}" for k in resampler_keys]
     items += [f"all {len(resampler)} image_proj tensors"] if gone.issuperset(resampler) else \
         [k for k in resampler if k in gone]
-    layers = {i: [f"face_adapter.{i}.{k}" for k in layer] for i, layer in ADAPTER_SHAPES.items()}
+    layers = {i: [f"face_adapter.{i}.{k}" for k in layer] for i, layer in layer_keys.items()}
     if gone.issuperset(k for keys in layers.values() for k in keys):
         return items + [f"all {sum(map(len, layers.values()))} face_adapter tensors"]
     for index, keys in layers.items():
@@ -464,19 +488,19 @@ def _count(n: int, noun: str) -> str:
 
 
 def _describe_failure(state: Mapping[Any, Any], source: str, container: str, found: int,
-                      problems: _Problems) -> str:
+                      problems: _Problems, expected: Mapping[str, tuple[int, ...]] = EXPECTED_SHAPES) -> str:
     """The CheckpointError message: what the file is, what is wrong, what file is expected."""
     parts = [f"{source} is not a valid ID-Animator adapter checkpoint."]
-    kind = _identify(state, container, found, problems)
+    kind = _identify(state, container, found, problems, expected)
     if kind:
         parts.append(kind)
     details = []
-    if len(problems.missing) == len(EXPECTED_SHAPES):
-        details.append(f"none of the {len(EXPECTED_SHAPES)} adapter tensors (image_proj.* and "
+    if len(problems.missing) == len(expected):
+        details.append(f"none of the {len(expected)} adapter tensors (image_proj.* and "
                        "face_adapter.<1..31>.*, or image_proj_model.* and adapter_modules.*)")
     elif problems.missing:
-        details.append(f"missing {len(problems.missing)} of {len(EXPECTED_SHAPES)} tensors "
-                       f"({_listed(_missing_groups(problems.missing))})")
+        details.append(f"missing {len(problems.missing)} of {len(expected)} tensors "
+                       f"({_listed(_missing_groups(problems.missing, expected))})")
     if problems.unexpected:
         details.append(f"{_count(len(problems.unexpected), 'unexpected key')} ({_listed(problems.unexpected)})")
     if problems.mis_shaped:
@@ -493,16 +517,18 @@ def _describe_failure(state: Mapping[Any, Any], source: str, container: str, fou
 # Loading, writing, generating
 
 
-def load_adapter_checkpoint(path: str | Path) -> AdapterWeights:
+def load_adapter_checkpoint(path: str | Path,
+                            expected: Mapping[str, tuple[int, ...]] | None = None) -> AdapterWeights:
     """Read and validate an ID-Animator adapter file (.ckpt/.pt/.pth/.bin or .safetensors).
 
     Every refusal ends by saying which file is expected where: content errors already do, file
-    errors (empty, truncated, code in a pickle) are generic to any weights file and get it here."""
+    errors (empty, truncated, code in a pickle) are generic to any weights file and get it here.
+    `expected`: as in `parse_adapter_state` (SD1.5's official shapes when None)."""
     try:
         state = read_state_dict(path)
     except CheckpointError as error:
         raise CheckpointError(f"{error} {EXPECTED_FILE}") from error
-    return parse_adapter_state(state, source=str(path))
+    return parse_adapter_state(state, source=str(path), expected=expected)
 
 
 LAYOUTS = ("state_dict", "state_dict_module", "image_proj+face_adapter", "flat", "bare")

@@ -85,16 +85,30 @@ def decoupled_attention(q: Tensor, text_k: Tensor, text_v: Tensor, face_k: Tenso
                         face_v: Tensor, scale: float, heads: int,
                         attention: AttentionFn = sdpa_attention,
                         face_mask: Tensor | None = None,
-                        text_out: Tensor | None = None) -> Tensor:
+                        text_out: Tensor | None = None,
+                        inplace: bool | None = None) -> Tensor:
     """text_out + λ·face_out, both attended with the same query q (official §6 steps 4-6).
 
     `text_out` may be supplied (e.g. another pack's attn2 patch already computed the text
-    branch); it is then consumed: the sum is written into it, which saves two full-size
-    temporaries per layer. `face_mask` broadcastable to (B, Lq, 1) weights the face branch only.
+    branch). `face_mask` broadcastable to (B, Lq, 1) weights the face branch only.
+
+    In place (the default when no gradient is recorded, i.e. at inference): the sum is written
+    into `text_out`, which is then consumed, saving two full-size temporaries per layer.
+    Autograd cannot take that path (SDPA's backward needs its own output unmodified), so when a
+    gradient flows through any input (training) the same sum is formed out of place;
+    `inplace` forces either choice.
     """
+    if inplace is None:
+        inplace = not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad
+            for t in (q, text_k, text_v, face_k, face_v, face_mask, text_out)))
     if text_out is None:
         text_out = attention(q, text_k, text_v, heads)
     face_out = attention(q, face_k.to(q), face_v.to(q), heads)
+    if not inplace:
+        if face_mask is not None:
+            face_out = face_out * face_mask.to(face_out)
+        return torch.add(text_out, face_out, alpha=scale)
     if face_mask is not None:
         face_out.mul_(face_mask.to(face_out))
     return text_out.add_(face_out, alpha=scale)
