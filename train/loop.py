@@ -1,0 +1,502 @@
+"""`train`: random reference training of the face adapter with accelerate (paper §3.3-§4.1).
+
+Frozen: the SD1.5 UNet with the AnimateDiff motion module (diffusers `UNetMotionModel`), the CLIP
+text encoder and the CLIP ViT-H/14 image encoder (the VAE is not needed: latents are cached).
+Trained: the face adapter only (Resampler, face K/V, attn2 LoRA), AdamW, lr 1e-4.
+
+One step (the paper's loss, `E||ε − ε_θ(z_t, t, C_text, C_face)||²`): one timestep per clip,
+z_t = DDPM add_noise(z_0, ε, t) on AnimateDiff's schedule, the text context repeated once per
+frame (B·F, 77, 768) (diffusers' UNetMotionModel does not repeat it), the reference's 16 face
+tokens appended after the 77 text tokens of every frame, ε-MSE in fp32.
+
+Laid out like a diffusers training example: `build_frozen_models`, `build_adapter`,
+`build_training_set`, `training_step` (usable on pre-built modules, e.g. a tiny UNet in tests),
+`train` (the loop), `configure`/`run` (the command). Runs as plain `python` on one device or under
+`accelerate launch` (DDP on one or several machines, DeepSpeed ZeRO-2; see train/configs/).
+
+RUN_DIR: `state/step-<n>/` (accelerate save_state, for --resume), `exports/step-<n>/animator.ckpt`
+and `animator.safetensors`, `loss.jsonl` (step, loss, lr, time), `loss.png`, `logs/` (TensorBoard),
+`args.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from ..adapter.errors import TrainingError
+from .data import StepBatches, TrainingSet, collate
+from .sd15 import clip_penultimate, encode_prompts
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FrozenModels:
+    """Everything that does not train; eval mode, requires_grad False, in the compute dtype."""
+
+    unet: torch.nn.Module  # diffusers UNetMotionModel: (B, C, F, H, W), one timestep per clip
+    text_encoder: torch.nn.Module  # transformers CLIPTextModel
+    tokenizer: Any  # transformers CLIPTokenizer
+    image_encoder: torch.nn.Module  # transformers CLIPVisionModelWithProjection
+    scheduler: Any  # diffusers DDPMScheduler (AnimateDiff's betas)
+
+
+def freeze(module: torch.nn.Module, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Out of training: no gradients, eval mode, cast (`.to` replaces tensors, never edits them)."""
+    return module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+
+
+class AdapterDenoiser(torch.nn.Module):
+    """ε_θ(z_t, t, C_text, C_face): the frozen UNet with the adapter's processors installed.
+
+    The module tree holds only the adapter, so DDP/DeepSpeed, `save_state` and the optimizer see
+    exactly the trained tensors; the UNet sits in a tuple, outside the tree (never cast, moved,
+    wrapped or saved with the adapter).
+    """
+
+    def __init__(self, adapter: torch.nn.Module, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self._frozen = (unet,)
+        adapter.install(unet)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self._frozen[0]
+
+    def forward(self, noisy_latents: Tensor, timesteps: Tensor, text: Tensor, clip_features: Tensor) -> Tensor:
+        """noisy_latents (B, C, F, H, W), timesteps (B,), text (B, 77, D), clip_features (B, 257, E)."""
+        frames = noisy_latents.shape[2]
+        face = self.adapter.face_tokens(clip_features)  # (B, Q, D)
+        # One context row per frame, batch-major like the UNet's (B·F) frames: (B·F, 77 + Q, D).
+        context = torch.cat((text, face), dim=1).repeat_interleave(frames, dim=0)
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=context).sample
+
+
+def reference_crops(reference: Tensor, drop_image: Tensor) -> Tensor:
+    """uint8 crops (B, 3, 224, 224) -> floats in [0, 1]; a dropped face becomes CLIP's mean colour.
+
+    Its CLIP-normalised pixels are exactly zero: the official null face (the uncond tokens of
+    inference, official §4.4), not a black photo.
+    """
+    from .sd15 import CLIP_MEAN
+
+    crops = reference.float() / 255
+    mean = torch.tensor(CLIP_MEAN, device=crops.device).view(1, 3, 1, 1)
+    return torch.where(drop_image.view(-1, 1, 1, 1).to(crops.device), mean, crops)
+
+
+def training_step(model: torch.nn.Module, frozen: FrozenModels, batch: dict[str, Any],
+                  device: torch.device | str) -> Tensor:
+    """The ε-MSE loss of one batch from `data.collate` (fp32 scalar, with a graph to the adapter)."""
+    latents = rearrange(batch["latents"].to(device), "b f c h w -> b c f h w")
+    noise = rearrange(batch["noise"].to(device), "b f c h w -> b c f h w")
+    timesteps = batch["timestep"].to(device)  # (B,): one per clip, shared by its frames
+    noisy_latents = frozen.scheduler.add_noise(latents, noise, timesteps)
+    text = encode_prompts(frozen.text_encoder, frozen.tokenizer, batch["caption"])  # no_grad
+    features = clip_penultimate(frozen.image_encoder,  # (B, 257, E), no_grad
+                                reference_crops(batch["reference"].to(device), batch["drop_image"]))
+    # fp32 inputs: autocast casts them down where the compute dtype asks for it.
+    prediction = model(noisy_latents, timesteps, text.float(), features.float())
+    return F.mse_loss(prediction.float(), noise.float())
+
+
+def trainable_parameters(adapter: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in adapter.parameters() if p.requires_grad]
+
+
+def make_optimizer(adapter: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 1e-2,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over exactly the adapter's trainable tensors (paper §4.1: lr 1e-4)."""
+    return torch.optim.AdamW(trainable_parameters(adapter), lr=lr, betas=betas,
+                             weight_decay=weight_decay, eps=eps)
+
+
+# --- Building the models and the data ---------------------------------------------------------------
+
+
+def _from_folder(folder: Path, what: str) -> Path:
+    if not folder.is_dir():
+        raise TrainingError(f"{folder} has no {what} folder (a diffusers model folder needs "
+                            f"{what}/config.json and its weights).")
+    return folder
+
+
+def build_frozen_models(checkpoint: str | Path, motion_module: str | Path, image_encoder: str | Path, *,
+                        tokenizer: str | Path | None = None, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> FrozenModels:
+    """The frozen models, from the files ComfyUI users have (single-file SD1.5 checkpoint,
+    AnimateDiff motion module, clip_vision ViT-H/14: train/sd15.py), or from diffusers /
+    transformers model folders (an SD1.5 pipeline folder with unet/, text_encoder/ and tokenizer/,
+    a MotionAdapter folder, a CLIPVisionModelWithProjection folder), read offline."""
+    from . import sd15
+
+    checkpoint, motion_module, image_encoder = Path(checkpoint), Path(motion_module), Path(image_encoder)
+    if checkpoint.is_dir() or motion_module.is_dir():
+        from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+        from transformers import CLIPTextModel
+
+        if not (checkpoint.is_dir() and motion_module.is_dir()):
+            raise TrainingError("Give --checkpoint and --motion-module both as files (SD1.5 single file, "
+                                "AnimateDiff .ckpt) or both as diffusers folders.")
+        unet2d = UNet2DConditionModel.from_pretrained(_from_folder(checkpoint / "unet", "unet"), local_files_only=True)
+        motion = MotionAdapter.from_pretrained(motion_module, local_files_only=True)
+        unet = UNetMotionModel.from_unet2d(unet2d, motion)
+        text_encoder = CLIPTextModel.from_pretrained(_from_folder(checkpoint / "text_encoder", "text_encoder"),
+                                                     local_files_only=True)
+        if tokenizer is None and (checkpoint / "tokenizer" / "vocab.json").is_file():
+            tokenizer = checkpoint / "tokenizer"
+        tokens = sd15.load_tokenizer(tokenizer)
+    else:
+        unet = sd15.load_unet(checkpoint, motion_module)
+        text_encoder, tokens = sd15.load_text_encoder(checkpoint, tokenizer)
+    if image_encoder.is_dir():
+        from transformers import CLIPVisionModelWithProjection
+
+        vision = CLIPVisionModelWithProjection.from_pretrained(image_encoder, local_files_only=True)
+    else:
+        vision = sd15.load_image_encoder(image_encoder)
+    return FrozenModels(unet=freeze(unet, device, dtype), text_encoder=freeze(text_encoder, device, dtype),
+                        tokenizer=tokens, image_encoder=freeze(vision, device, dtype),
+                        scheduler=sd15.noise_scheduler())
+
+
+def read_adapter_config(path: str | Path | None) -> dict[str, Any]:
+    """--adapter-config: {"rank": 128, "resampler": {"dim": 768, "depth": 4, ...}} overrides of the
+    official adapter (other sizes do not load in LoadIDAnimator; for research and tests)."""
+    if path is None:
+        return {}
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"Cannot read the adapter config {path}: {error}.") from error
+    if not isinstance(config, dict) or set(config) - {"rank", "resampler"}:
+        raise TrainingError(f"{path}: an adapter config is a JSON object with 'rank' and/or 'resampler'.")
+    return config
+
+
+def build_adapter(unet: torch.nn.Module, image_encoder: torch.nn.Module, *, init: str = "scratch",
+                  seed: int = 0, train_lora: bool = True, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The trainable FaceAdapter, its shapes read from the models (SD1.5: the official adapter)."""
+    from .model import AdapterConfig, ResamplerConfig, initial_adapter
+
+    overrides = overrides or {}
+    resampler = ResamplerConfig(**{"embedding_dim": image_encoder.config.hidden_size,
+                                   "output_dim": unet.config.cross_attention_dim,
+                                   **overrides.get("resampler", {})})
+    config = AdapterConfig.from_unet(unet, rank=overrides.get("rank", 128), resampler=resampler)
+    adapter = initial_adapter(config, init, seed)
+    if not train_lora:
+        freeze_lora(adapter)
+    return adapter
+
+
+def freeze_lora(adapter: torch.nn.Module) -> None:
+    """K/V + Resampler only (the paper's text): the LoRAs stay as initialised and are exported."""
+    for name, parameter in adapter.named_parameters():
+        if "_lora." in name:
+            parameter.requires_grad_(False)
+
+
+def build_training_set(latents: str | Path, pool: str | Path, captions: str | Path, *, seed: int,
+                       null_text_rate: float, null_image_rate: float) -> TrainingSet:
+    from .captions import load_captions
+    from .face_pool import load_pool
+    from .latents import LatentCache
+
+    return TrainingSet(LatentCache(latents), load_pool(pool), load_captions(captions), seed=seed,
+                       null_text_rate=null_text_rate, null_image_rate=null_image_rate)
+
+
+# --- Loss log --------------------------------------------------------------------------------------
+
+
+def read_loss_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_loss_log(path: Path, step: int) -> None:
+    """Rows after `step` came from a run that died before saving its state: drop them."""
+    rows = [row for row in read_loss_log(path) if row["step"] <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def plot_loss(rows: list[dict[str, Any]], path: Path, size: tuple[int, int] = (800, 480)) -> None:
+    """loss.png: loss against step (PIL only: no plotting library needed)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 70, 30, size[0] - 20, size[1] - 40
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text((left, 8), "training loss (eps-MSE)", fill="black")
+    points = [(row["step"], row["loss"]) for row in rows if math.isfinite(row["loss"])]
+    if points:
+        steps, losses = zip(*points)
+        x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+        y0, y1 = min(losses), max(losses) if max(losses) > min(losses) else min(losses) + 1e-6
+        xy = [(left + (s - x0) / (x1 - x0) * (right - left), bottom - (v - y0) / (y1 - y0) * (bottom - top))
+              for s, v in points]
+        draw.line(xy, fill=(31, 119, 180), width=2) if len(xy) > 1 else draw.point(xy, fill=(31, 119, 180))
+        draw.text((4, top), f"{y1:.4g}", fill="black")
+        draw.text((4, bottom - 10), f"{y0:.4g}", fill="black")
+        draw.text((left, bottom + 6), f"step {x0}", fill="black")
+        draw.text((right - 70, bottom + 6), f"step {max(steps)}", fill="black")
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp)
+    tmp.replace(path)
+
+
+# --- The loop --------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Optimizer steps done and training seconds spent, saved with each state."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.seconds = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+
+
+def saved_states(out: Path) -> list[Path]:
+    """RUN_DIR/state/step-<n> folders, oldest first."""
+    folder = out / "state"
+    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def resume_state(out: Path, resume: str | None) -> Path | None:
+    """The state to resume from (None: a fresh run); refuses to overwrite a run silently."""
+    states = saved_states(out)
+    if resume is None:
+        if states:
+            raise TrainingError(f"{out} already holds training states (last {states[-1].name}); pass --resume "
+                                f"to continue that run, or give another --out.")
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "custom_checkpoint_0.pkl").is_file():
+            raise TrainingError(f"{path} is not a training state of this trainer (RUN_DIR/state/step-<n>).")
+        return path
+    if not states:
+        logger.warning("--resume: no state in %s/state yet; starting a new run.", out)
+        return None
+    return states[-1]
+
+
+def train(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    out = Path(args.out)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    resume = resume_state(out, args.resume)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "run"},
+                                                  indent=1, default=str))
+    dtype = DTYPES[accelerator.mixed_precision]
+    frozen = build_frozen_models(args.checkpoint, args.motion_module, args.image_encoder, tokenizer=args.tokenizer,
+                                 device=accelerator.device, dtype=dtype)
+    if args.gradient_checkpointing:
+        frozen.unet.enable_gradient_checkpointing()
+    adapter = build_adapter(frozen.unet, frozen.image_encoder, init=args.init, seed=args.seed,
+                            train_lora=args.train_lora, overrides=read_adapter_config(args.adapter_config))
+    adapter.to(accelerator.device, torch.float32)  # fp32 master weights; autocast computes in `dtype`
+    model = AdapterDenoiser(adapter, frozen.unet)
+    dataset = build_training_set(args.latents, args.pool, args.captions, seed=args.seed,
+                                 null_text_rate=args.null_text_rate, null_image_rate=args.null_image_rate)
+    optimizer = make_optimizer(adapter, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps)
+    if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared to tell it
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress, lr_scheduler)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        logger.info("Resumed from %s at step %d.", resume, progress.step)
+    accum = args.gradient_accumulation_steps
+    batches = StepBatches(len(dataset), args.batch_size, seed=args.seed, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes, start=progress.step * accum)
+    max_steps = args.max_steps or math.ceil(args.num_epochs * batches.per_epoch / accum)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                         num_workers=args.dataloader_workers,
+                                         pin_memory=accelerator.device.type == "cuda")
+    loss_log = out / "loss.jsonl"
+    if accelerator.is_main_process:
+        truncate_loss_log(loss_log, progress.step)
+    accelerator.init_trackers("id_animator", config={k: v for k, v in vars(args).items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    logger.info("Training %d adapter tensors (%.1f M parameters) on %d clips, %d processes × batch %d × "
+                "accumulation %d, to step %d.", len(trainable_parameters(adapter)),
+                sum(p.numel() for p in trainable_parameters(adapter)) / 1e6, len(dataset),
+                accelerator.num_processes, args.batch_size, accum, max_steps)
+    bar = tqdm(total=max_steps, initial=progress.step, desc="train", unit="step",
+               disable=not accelerator.is_local_main_process)
+    window: list[float] = []
+    batch_iter = iter(loader)
+    started = time.monotonic() - progress.seconds
+    while progress.step < max_steps:
+        losses = []
+        for _ in range(accum):
+            batch = next(batch_iter)
+            with accelerator.accumulate(model):
+                loss = training_step(model, frozen, batch, accelerator.device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        lr_scheduler.step()
+        progress.step += 1
+        progress.seconds = time.monotonic() - started
+        step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        window.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        last = progress.step == max_steps
+        if progress.step % args.log_every == 0 or last:
+            row = {"step": progress.step, "loss": sum(window) / len(window), "lr": lr_scheduler.get_last_lr()[0],
+                   "time": round(progress.seconds, 3), "epoch": batches.position(progress.step * accum - 1)[0]}
+            window = []
+            accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=progress.step)
+            if accelerator.is_main_process:
+                with loss_log.open("a") as log_file:
+                    log_file.write(json.dumps(row) + "\n")
+        if (args.save_every and progress.step % args.save_every == 0) or last:
+            save_state(accelerator, out, progress.step, args.keep_states)
+        if (args.export_every and progress.step % args.export_every == 0) or last:
+            export(accelerator, model, out, progress.step)
+    bar.close()
+    if accelerator.is_main_process:
+        plot_loss(read_loss_log(loss_log), out / "loss.png")
+    accelerator.end_training()
+    return 0
+
+
+def save_state(accelerator: Any, out: Path, step: int, keep: int) -> None:
+    """accelerate save_state (adapter, optimizer, lr schedule, progress, RNG) to state/step-<n>."""
+    accelerator.save_state(str(out / "state" / f"step-{step}"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for old in saved_states(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        plot_loss(read_loss_log(out / "loss.jsonl"), out / "loss.png")
+
+
+def export(accelerator: Any, model: torch.nn.Module, out: Path, step: int) -> None:
+    """exports/step-<n>/animator.ckpt and animator.safetensors, verified by train/export.py."""
+    from .export import export_adapter
+
+    if accelerator.is_main_process:
+        adapter = accelerator.unwrap_model(model).adapter
+        export_adapter(adapter, out / "exports" / f"step-{step}")
+    accelerator.wait_for_everyone()
+
+
+# --- The command -----------------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Run as `accelerate launch -m id_animator.train train ...` for several GPUs or machines "
+                     "(train/configs/*.yaml), or as plain `python -m id_animator.train train ...` on one device.")
+    models = parser.add_argument_group("frozen models")
+    models.add_argument("--checkpoint", required=True, help="SD1.5 single-file checkpoint (.safetensors/.ckpt), "
+                        "or a diffusers SD1.5 folder (unet/, text_encoder/, tokenizer/)")
+    models.add_argument("--motion-module", required=True,
+                        help="AnimateDiff motion module (mm_sd_v15_v2.ckpt), or a diffusers MotionAdapter folder")
+    models.add_argument("--image-encoder", required=True, help="CLIP ViT-H/14 image encoder: ComfyUI's clip_vision "
+                        "file (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors), or a transformers folder")
+    models.add_argument("--tokenizer", help="SD1.5 CLIP tokenizer folder (default: ComfyUI's comfy/sd1_tokenizer "
+                        "when this pack sits in ComfyUI/custom_nodes)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--latents", required=True, help="latent cache folder (the latents command)")
+    data.add_argument("--pool", required=True, help="face pool folder (the pool command)")
+    data.add_argument("--captions", required=True, help="captions JSONL (the captions command)")
+    data.add_argument("--null-text-rate", type=float, default=0.2,
+                      help="probability of the null text (empty prompt) per sample, for CFG (paper: 0.2)")
+    data.add_argument("--null-image-rate", type=float, default=0.0,
+                      help="probability of the null face (zero normalised image) per sample (paper: 0)")
+    data.add_argument("--dataloader-workers", type=int, default=2, help="data loading processes per GPU")
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--init", default="scratch", help="'scratch', an animator.ckpt to fine-tune, or an "
+                         "IP-Adapter-Plus SD1.5 file (the paper's start)")
+    adapter.add_argument("--train-lora", action=argparse.BooleanOptionalAction, default=True,
+                         help="train the attn2 LoRAs; --no-train-lora: face K/V + Resampler only (the "
+                         "paper's text), the file still holds the (zero) LoRAs")
+    adapter.add_argument("--adapter-config", help="JSON overrides of the official adapter shape: "
+                         "{\"rank\": 128, \"resampler\": {\"dim\": 768, \"depth\": 4, ...}} (research, tests)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 1e-4)")
+    optim.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    optim.add_argument("--lr-scheduler", default="constant", help="diffusers schedule name, e.g. constant, "
+                       "constant_with_warmup, cosine")
+    optim.add_argument("--lr-warmup-steps", type=int, default=0)
+    optim.add_argument("--batch-size", type=int, default=2, help="clips per GPU per micro-step (paper: 2)")
+    optim.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    optim.add_argument("--max-steps", "--max-train-steps", dest="max_steps", type=int,
+                       help="optimizer steps to train (default 100000, unless --num-epochs)")
+    optim.add_argument("--num-epochs", type=float, help="train this many passes over the clips instead")
+    optim.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16",
+                       help="compute dtype of the frozen models (adapter kept fp32); overrides accelerate config")
+    optim.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations "
+                       "in the backward pass (less memory, ~25%% more compute)")
+    optim.add_argument("--allow-tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    optim.add_argument("--seed", type=int, default=0, help="seeds the adapter init and every data draw")
+    run_group = parser.add_argument_group("run folder")
+    run_group.add_argument("--out", required=True, help="RUN_DIR: states, exports, loss log, TensorBoard logs")
+    run_group.add_argument("--resume", nargs="?", const="latest", help="continue from RUN_DIR's last state "
+                           "(or the state folder given)")
+    run_group.add_argument("--save-every", type=int, default=1000, help="save a state every N steps")
+    run_group.add_argument("--keep-states", type=int, default=3, help="states kept (0: all)")
+    run_group.add_argument("--export-every", type=int, default=5000,
+                           help="export animator.ckpt every N steps (0: only at the end)")
+    run_group.add_argument("--log-every", type=int, default=10, help="loss log row every N steps")
+    run_group.add_argument("--report-to", choices=("tensorboard", "none"), default="tensorboard")
+
+
+def run(args: argparse.Namespace) -> int:
+    positive = {"batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "log_every": args.log_every}
+    for name, value in positive.items():
+        if value < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} is {value}; give a positive number.")
+    if args.max_steps is not None and args.num_epochs is not None:
+        raise TrainingError("Give --max-steps or --num-epochs, not both.")
+    if args.max_steps is None and args.num_epochs is None:
+        args.max_steps = 100_000
+    return train(args)
