@@ -57,35 +57,14 @@ class FrozenModels:
 
 def freeze(module: torch.nn.Module, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Out of training: no gradients, eval mode, cast (`.to` replaces tensors, never edits them)."""
-    return module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    """Out of training: no gradients, eval mode, cast (`.to` replaces tensors, never edits them).
 
-
-class AdapterDenoiser(torch.nn.Module):
-    """ε_θ(z_t, t, C_text, C_face): the frozen UNet with the adapter's processors installed.
-
-    The module tree holds only the adapter, so DDP/DeepSpeed, `save_state` and the optimizer see
-    exactly the trained tensors; the UNet sits in a tuple, outside the tree (never cast, moved,
-    wrapped or saved with the adapter).
-    """
-
-    def __init__(self, adapter: torch.nn.Module, unet: torch.nn.Module) -> None:
-        super().__init__()
-        self.adapter = adapter
-        self._frozen = (unet,)
-        adapter.install(unet)
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        return self._frozen[0]
-
-    def forward(self, noisy_latents: Tensor, timesteps: Tensor, text: Tensor, clip_features: Tensor) -> Tensor:
-        """noisy_latents (B, C, F, H, W), timesteps (B,), text (B, 77, D), clip_features (B, 257, E)."""
-        frames = noisy_latents.shape[2]
-        face = self.adapter.face_tokens(clip_features)  # (B, Q, D)
-        # One context row per frame, batch-major like the UNet's (B·F) frames: (B·F, 77 + Q, D).
-        context = torch.cat((text, face), dim=1).repeat_interleave(frames, dim=0)
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=context).sample
+    Cast before `FaceAdapter.install`: the adapter's processors stay outside the UNet's tree
+    anyway (train/model.py), so neither this cast nor the freeze reaches them."""
+    module = module.requires_grad_(False).eval().to(device)
+    if dtype is not None and dtype != next(module.parameters()).dtype:
+        module = module.to(dtype=dtype)
+    return module
 
 
 def reference_crops(reference: Tensor, drop_image: Tensor) -> Tensor:
@@ -101,9 +80,12 @@ def reference_crops(reference: Tensor, drop_image: Tensor) -> Tensor:
     return torch.where(drop_image.view(-1, 1, 1, 1).to(crops.device), mean, crops)
 
 
-def training_step(model: torch.nn.Module, frozen: FrozenModels, batch: dict[str, Any],
+def training_step(adapter: torch.nn.Module, frozen: FrozenModels, batch: dict[str, Any],
                   device: torch.device | str) -> Tensor:
-    """The ε-MSE loss of one batch from `data.collate` (fp32 scalar, with a graph to the adapter)."""
+    """The ε-MSE loss of one batch from `data.collate` (fp32 scalar, with a graph to the adapter).
+
+    `adapter` is the FaceAdapter installed on `frozen.unet`, or its DDP/DeepSpeed wrapper: the
+    step goes through its forward so the wrapper sees it and all-reduces the gradients."""
     latents = rearrange(batch["latents"].to(device), "b f c h w -> b c f h w")
     noise = rearrange(batch["noise"].to(device), "b f c h w -> b c f h w")
     timesteps = batch["timestep"].to(device)  # (B,): one per clip, shared by its frames
@@ -112,7 +94,7 @@ def training_step(model: torch.nn.Module, frozen: FrozenModels, batch: dict[str,
     features = clip_penultimate(frozen.image_encoder,  # (B, 257, E), no_grad
                                 reference_crops(batch["reference"].to(device), batch["drop_image"]))
     # fp32 inputs: autocast casts them down where the compute dtype asks for it.
-    prediction = model(noisy_latents, timesteps, text.float(), features.float())
+    prediction = adapter(frozen.unet, noisy_latents, timesteps, text.float(), features.float())
     return F.mse_loss(prediction.float(), noise.float())
 
 
@@ -200,17 +182,9 @@ def build_adapter(unet: torch.nn.Module, image_encoder: torch.nn.Module, *, init
                                    "output_dim": unet.config.cross_attention_dim,
                                    **overrides.get("resampler", {})})
     config = AdapterConfig.from_unet(unet, rank=overrides.get("rank", 128), resampler=resampler)
-    adapter = initial_adapter(config, init, seed)
-    if not train_lora:
-        freeze_lora(adapter)
-    return adapter
-
-
-def freeze_lora(adapter: torch.nn.Module) -> None:
-    """K/V + Resampler only (the paper's text): the LoRAs stay as initialised and are exported."""
-    for name, parameter in adapter.named_parameters():
-        if "_lora." in name:
-            parameter.requires_grad_(False)
+    # train_lora=False: K/V + Resampler only (the paper's text); the LoRAs keep their initial
+    # values (zero up) and are still exported. From scratch, face K/V start as the UNet's text K/V.
+    return initial_adapter(config, init, seed, unet=unet, train_lora=train_lora)
 
 
 def build_training_set(latents: str | Path, pool: str | Path, captions: str | Path, *, seed: int,
@@ -334,14 +308,14 @@ def train(args: argparse.Namespace) -> int:
     adapter = build_adapter(frozen.unet, frozen.image_encoder, init=args.init, seed=args.seed,
                             train_lora=args.train_lora, overrides=read_adapter_config(args.adapter_config))
     adapter.to(accelerator.device, torch.float32)  # fp32 master weights; autocast computes in `dtype`
-    model = AdapterDenoiser(adapter, frozen.unet)
+    adapter.install(frozen.unet)
     dataset = build_training_set(args.latents, args.pool, args.captions, seed=args.seed,
                                  null_text_rate=args.null_text_rate, null_image_rate=args.null_image_rate)
     optimizer = make_optimizer(adapter, lr=args.lr, weight_decay=args.weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps)
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared to tell it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(adapter, optimizer)
     progress = Progress()
     accelerator.register_for_checkpointing(progress, lr_scheduler)
     if resume is not None:
@@ -422,8 +396,7 @@ def export(accelerator: Any, model: torch.nn.Module, out: Path, step: int) -> No
     from .export import export_adapter
 
     if accelerator.is_main_process:
-        adapter = accelerator.unwrap_model(model).adapter
-        export_adapter(adapter, out / "exports" / f"step-{step}")
+        export_adapter(accelerator.unwrap_model(model), out / "exports" / f"step-{step}")
     accelerator.wait_for_everyone()
 
 
