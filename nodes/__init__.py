@@ -6,10 +6,11 @@ from comfy_api.latest import ComfyExtension, io
 from . import folders
 from .apply_face_adapter import ApplyFaceAdapter
 from .face_encode import FaceEncode
+from .face_similarity import FaceSimilarity
 from .id_mix import IDMix
 from .load_id_animator import LoadIDAnimator
 
-NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter]
+NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, FaceSimilarity]
 
 
 class IDAnimatorExtension(ComfyExtension):

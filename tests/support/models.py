@@ -309,14 +309,18 @@ def _prune(cache: Path, recipe: Recipe, keep: Path) -> None:
 
 
 def scrfd_pack(cache: Path, scrfd_root: Path) -> Path:
-    """An insightface pack folder holding only the real SCRFD detector from the scrfd sdist (a
-    folder per sdist location, so its link never points at another session's copy)."""
+    """An insightface pack folder holding the real SCRFD detector from the scrfd sdist (a folder
+    per sdist location, so its link never points at another session's copy) and, as buffalo_l
+    holds w600k_r50.onnx, a random-weight recognition model for FaceSimilarity (support.arcface)."""
+    from support.arcface import write_arcface
+
     where = hashlib.sha256(str(scrfd_root.resolve()).encode()).hexdigest()[:16]
     pack = cache / "generated" / "insightface" / where / "scrfd"
     pack.mkdir(parents=True, exist_ok=True)
     onnx = pack / "scrfd.onnx"
     if not onnx.is_symlink():
         onnx.symlink_to(scrfd_root / "models" / "scrfd.onnx")
+    write_arcface(pack / "arcface_random.onnx")
     return pack
 
 
