@@ -1,0 +1,384 @@
+"""`score`: identity scores of generated videos, in batch (docs/scoring.md has the protocol).
+
+For each video (a video file, or a folder of frames) and its reference photo(s):
+- face similarity per frame: ArcFace cosine with the insightface pack's recognition model, the
+  same code as the FaceSimilarity node (adapter.face_recognition); frames without a face are
+  reported (null), never scored 0; face share and stability as the node defines them;
+- CLIP-I per frame: cosine between the CLIP ViT-H/14 image embeddings (`image_embeds`, after
+  the projection) of the reference's official 224 face crop and of the frame (CLIPImageProcessor's
+  processing: shortest side 224, bicubic, centre crop 224, CLIP mean/std).
+
+Writes OUT/videos/<id>.json (one per video, written last: a re-run with the same settings skips
+it), then OUT/scores.json, OUT/frames.csv, OUT/summary.csv, OUT/summary.md (also printed) and
+OUT/plots/<id>.png. Numbers are rounded to 6 decimals, so two runs give identical files.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..adapter.errors import IDAnimatorError, TrainingError
+from .video import VIDEO_SUFFIXES, read_frames
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+DECIMALS = 6
+FORMAT = 1  # of the per-video JSON; a change recomputes finished videos
+
+
+@dataclass(frozen=True)
+class Item:
+    """One generated video: a video file, or a folder of frames (sorted by file name)."""
+
+    id: str
+    path: Path
+
+    @property
+    def is_frames(self) -> bool:
+        return self.path.is_dir()
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def find_items(inputs: list[Path]) -> list[Item]:
+    """Video files and frame folders (folders holding images) under the inputs, ids unique."""
+    items: list[Item] = []
+    for root in inputs:
+        if root.is_file() and root.suffix.lower() in VIDEO_SUFFIXES:
+            items.append(Item(root.stem, root))
+        elif root.is_dir():
+            if _images(root):
+                items.append(Item(root.name, root))
+            for path in sorted(root.rglob("*")):
+                rel = path.relative_to(root).with_suffix("").as_posix()
+                if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+                    items.append(Item(rel, path))
+                elif path.is_dir() and _images(path):
+                    items.append(Item(path.relative_to(root).as_posix(), path))
+        else:
+            raise TrainingError(f"{root} is neither a folder nor a video ({', '.join(VIDEO_SUFFIXES)}).")
+    seen: dict[str, Path] = {}
+    for item in items:
+        if seen.setdefault(item.id, item.path) != item.path:
+            raise TrainingError(f"Two inputs share the id {item.id!r}: {seen[item.id]} and {item.path}; rename one.")
+    if not items:
+        raise TrainingError(f"No videos or frame folders found in {', '.join(map(str, inputs))}.")
+    return items
+
+
+def reference_photos(references: Path, item_id: str) -> list[Path]:
+    """One photo for every video (a file), or per id: REF/<id>.<image> or the images of REF/<id>/."""
+    if references.is_file():
+        return [references]
+    folder = references / item_id
+    if folder.is_dir() and _images(folder):
+        return _images(folder)
+    for suffix in IMAGE_SUFFIXES:
+        photo = references / f"{item_id}{suffix}"
+        if photo.is_file():
+            return [photo]
+    raise TrainingError(f"No reference photo for {item_id!r}: put {references / item_id}.png (or .jpg) or a "
+                        f"folder {folder}/ of photos of the person, or give one photo for all videos.")
+
+
+def load_prompts(path: Path | None) -> dict[str, str]:
+    """JSONL rows {"id": ..., "prompt" or "caption": ...} (the captions file of training works)."""
+    if path is None:
+        return {}
+    prompts = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                prompts[str(row["id"])] = str(row.get("prompt", row.get("caption", "")))
+            except (ValueError, KeyError, TypeError) as error:
+                raise TrainingError(f"{path}:{number}: expected {{\"id\": ..., \"prompt\": ...}}: {error}") from error
+    return prompts
+
+
+def read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except OSError as error:
+        raise TrainingError(f"Cannot read the image {path}: {error}") from error
+
+
+def frames_of(item: Item, stride: int) -> Iterator[tuple[int, np.ndarray]]:
+    if item.is_frames:
+        for index, path in enumerate(_images(item.path)):
+            if index % stride == 0:
+                yield index, read_image(path)
+    else:
+        for index, frame in read_frames(item.path):
+            if index % stride == 0:
+                yield index, frame
+
+
+# ----------------------------------------------------------------------------- CLIP-I
+
+class ClipImage:
+    """CLIP ViT-H/14 image embeddings (after the projection), as CLIP-I uses them."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        import torch
+
+        from .sd15 import CLIP_MEAN, CLIP_STD, load_image_encoder
+
+        self.torch = torch
+        self.device = device
+        self.model = load_image_encoder(path, device=device)
+        self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+    @staticmethod
+    def process(image_rgb: np.ndarray) -> np.ndarray:
+        """CLIPImageProcessor's geometry: shortest side to 224 (bicubic), centre crop 224x224."""
+        from PIL import Image
+
+        height, width = image_rgb.shape[:2]
+        scale = 224 / min(height, width)
+        size = (max(224, round(width * scale)), max(224, round(height * scale)))
+        resized = np.asarray(Image.fromarray(image_rgb).resize(size, Image.Resampling.BICUBIC))
+        top, left = (size[1] - 224) // 2, (size[0] - 224) // 2
+        return resized[top:top + 224, left:left + 224]
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """RGB uint8 images -> (N, 1024) float64 unit embeddings."""
+        torch = self.torch
+        pixels = torch.from_numpy(np.stack([self.process(i) for i in images])).permute(0, 3, 1, 2).float() / 255.0
+        pixels = (pixels - self.mean) / self.std
+        param = next(self.model.parameters())
+        with torch.no_grad():
+            out = self.model(pixel_values=pixels.to(param.device, param.dtype)).image_embeds
+        out = out.double().cpu().numpy()
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- scoring one video
+
+def _round(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), DECIMALS)
+
+
+def score_item(item: Item, photos: list[Path], prompt: str | None, models: "Models", settings: dict[str, Any],
+               progress) -> dict[str, Any]:
+    """The per-video record (JSON-ready)."""
+    from ..adapter.face_detection import align_face, select_face
+    from ..adapter.face_recognition import embed_references, score_frame, unit
+
+    images = [read_image(p) for p in photos]
+    try:
+        reference = embed_references(images, models.detect, models.recognizer)
+    except IDAnimatorError as error:
+        raise TrainingError(f"{item.id}: {error} (reference photos: {', '.join(map(str, photos))})") from error
+    clip_reference = None
+    if models.clip is not None:  # the official 224 crop of the most confident face, as FaceEncode
+        crops = [align_face(image, select_face(models.detect(image), "most confident").kps) for image in images]
+        clip_reference = unit(models.clip.embed(crops).mean(axis=0))
+    rows, embeddings = [], []
+    for index, frame in frames_of(item, settings["stride"]):
+        score = score_frame(index, frame, reference, models.detect, models.recognizer, settings["frame_face"])
+        clip_i = float(models.clip.embed([frame])[0] @ clip_reference) if models.clip is not None else None
+        if score.embedding is not None:
+            embeddings.append(score.embedding)
+        rows.append({"frame": index, "faces_found": score.faces_found,
+                     "box": None if score.face is None else [_round(v) for v in score.face.bbox],
+                     "face_similarity": _round(score.similarity), "clip_i": _round(clip_i)})
+        progress.update(1)
+    if not rows:
+        raise TrainingError(f"{item.path} has no frames to score.")
+    return {"id": item.id, "video": str(item.path), "references": [str(p) for p in photos], "prompt": prompt,
+            "format": FORMAT, "settings": settings, "frames": rows, "summary": summarise(rows, embeddings)}
+
+
+def summarise(rows: list[dict[str, Any]], embeddings: list[np.ndarray]) -> dict[str, Any]:
+    from ..adapter.face_recognition import stability
+
+    faces = [r["face_similarity"] for r in rows if r["face_similarity"] is not None]
+    clips = [r["clip_i"] for r in rows if r["clip_i"] is not None]
+    return {"frames": len(rows), "frames_with_face": len(faces), "face_share": _round(len(faces) / len(rows)),
+            "face_similarity": _round(float(np.mean(faces))) if faces else None,
+            "stability": _round(stability(embeddings)), "clip_i": _round(float(np.mean(clips))) if clips else None}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _table(records: list[dict[str, Any]], overall: dict[str, Any]) -> str:
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+    lines = ["| video | frames | with face | face share | face similarity | stability | CLIP-I |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for record in records + [overall]:
+        s = record["summary"]
+        lines.append(f"| {record['id']} | {s['frames']} | {s['frames_with_face']} | {fmt(s['face_share'])} | "
+                     f"{fmt(s['face_similarity'])} | {fmt(s['stability'])} | {fmt(s['clip_i'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _overall(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each video counts once: the mean of the per-video means (videos without a value left out)."""
+    def mean(key: str) -> float | None:
+        values = [r["summary"][key] for r in records if r["summary"][key] is not None]
+        return _round(float(np.mean(values))) if values else None
+
+    return {"id": "all (mean of videos)", "summary": {
+        "frames": sum(r["summary"]["frames"] for r in records),
+        "frames_with_face": sum(r["summary"]["frames_with_face"] for r in records),
+        **{key: mean(key) for key in ("face_share", "face_similarity", "stability", "clip_i")}}}
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _csv(rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def _plot(record: dict[str, Any], path: Path) -> None:
+    from PIL import Image
+
+    from ..adapter.score_plot import Series, plot_scores
+
+    frames = [r["frame"] for r in record["frames"]]
+    series = [Series("face similarity", [r["face_similarity"] for r in record["frames"]])]
+    if any(r["clip_i"] is not None for r in record["frames"]):
+        series.append(Series("CLIP-I", [r["clip_i"] for r in record["frames"]]))
+    s = record["summary"]
+    title = (f"{record['id']}: face sim {s['face_similarity']} | face in {s['frames_with_face']}/{s['frames']} | "
+             f"stability {s['stability']} | CLIP-I {s['clip_i']}")
+    missing = [r["frame"] for r in record["frames"] if r["face_similarity"] is None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(plot_scores(series, title, no_face=missing, frames=frames)).save(path, optimize=False)
+
+
+def write_outputs(out: Path, records: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    overall = _overall(records)
+    table = _table(records, overall)
+    _write(out / "scores.json", json.dumps({"settings": settings, "summary": overall["summary"],
+                                            "videos": records}, indent=1) + "\n")
+    frame_rows = [["id", "frame", "faces_found", "face_similarity", "clip_i", "x1", "y1", "x2", "y2"]]
+    for record in records:
+        for r in record["frames"]:
+            frame_rows.append([record["id"], r["frame"], r["faces_found"], _cell(r["face_similarity"]),
+                               _cell(r["clip_i"]), *(r["box"] or [""] * 4)])
+    _write(out / "frames.csv", _csv(frame_rows))
+    keys = ["frames", "frames_with_face", "face_share", "face_similarity", "stability", "clip_i"]
+    _write(out / "summary.csv", _csv([["id", *keys]] + [[r["id"], *(_cell(r["summary"][k]) for k in keys)]
+                                                         for r in records + [overall]]))
+    _write(out / "summary.md", table)
+    for record in records:
+        _plot(record, out / "plots" / f"{record['id']}.png")
+    return table
+
+
+# ----------------------------------------------------------------------------- the command
+
+@dataclass
+class Models:
+    detect: Any
+    recognizer: Any
+    clip: ClipImage | None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="VIDEOS",
+                        help="generated videos: video files, folders of them (searched recursively) or folders of "
+                             "frames (one video each, frames sorted by file name)")
+    parser.add_argument("--references", type=Path, required=True,
+                        help="one photo for every video, or a folder with <id>.png (or .jpg) or <id>/ (several "
+                             "photos of the person) per video id (its path relative to the input folder)")
+    parser.add_argument("--pack", type=Path, required=True,
+                        help="insightface pack folder with a detector and a recognition model "
+                             "(models/insightface/models/buffalo_l or antelopev2)")
+    parser.add_argument("--image-encoder", type=Path,
+                        help="CLIP ViT-H/14 clip_vision file (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) for "
+                             "CLIP-I; without it CLIP-I is not computed")
+    parser.add_argument("--prompts", type=Path, help="JSONL rows {\"id\", \"prompt\"} (or a captions file), "
+                                                     "recorded beside the scores")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (a re-run resumes it)")
+    parser.add_argument("--frame-face", default="largest", choices=["largest", "most confident", "best match"],
+                        help="which face of a frame with several is scored (default: largest)")
+    parser.add_argument("--stride", type=int, default=1, help="score every Nth frame (default: every frame)")
+    parser.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "rocm", "coreml"],
+                        type=str.lower, help="onnxruntime provider for detection and recognition")
+    parser.add_argument("--device", default="auto", help="torch device for CLIP (default: cuda if available)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute videos already scored")
+
+
+def _settings(args: argparse.Namespace, recognizer, detector, clip_path: Path | None) -> dict[str, Any]:
+    """What decides the numbers (a finished video is reused only when they are all equal)."""
+    def file(path: Path | None) -> dict[str, Any] | None:
+        return None if path is None else {"name": Path(path).name, "bytes": Path(path).stat().st_size}
+
+    return {"recognition_model": file(recognizer.model_file), "detector": file(detector.model_file),
+            "image_encoder": file(clip_path), "frame_face": args.frame_face, "stride": args.stride,
+            "crop": f"insightface norm_crop {recognizer.size}", "input_mean_std": [recognizer.input_mean,
+                                                                                  recognizer.input_std]}
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..adapter.face_detection import FaceDetector, resolve_providers
+    from ..adapter.face_recognition import FaceRecognizer, detector_function
+
+    if args.stride < 1:
+        raise TrainingError(f"--stride must be at least 1, got {args.stride}.")
+    items = find_items(args.inputs)
+    prompts = load_prompts(args.prompts)
+    photos = {item.id: reference_photos(args.references, item.id) for item in items}  # all checked up front
+    providers = resolve_providers({"cpu": "CPU", "cuda": "CUDA", "rocm": "ROCM", "coreml": "CoreML"}.get(
+        args.provider, args.provider))
+    recognizer = FaceRecognizer(args.pack, providers)
+    detector = FaceDetector(args.pack, providers)
+    clip = None
+    if args.image_encoder is not None:
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        clip = ClipImage(args.image_encoder, device)
+    else:
+        log.warning("No --image-encoder: CLIP-I is not computed.")
+    models = Models(detector_function(detector), recognizer, clip)
+    settings = _settings(args, recognizer, detector, args.image_encoder)
+    records = []
+    for item in tqdm(items, desc="videos", unit="video"):
+        path = args.out / "videos" / f"{item.id}.json"
+        record = json.loads(path.read_text()) if path.is_file() and not args.overwrite else None
+        if record is None or record.get("settings") != settings or record.get("format") != FORMAT:
+            with tqdm(desc=item.id, unit="frame", leave=False) as progress:
+                record = score_item(item, photos[item.id], prompts.get(item.id), models, settings, progress)
+            _write(path, json.dumps(record, indent=1) + "\n")
+        records.append(record)
+    print(write_outputs(args.out, records, settings), end="")
+    return 0
