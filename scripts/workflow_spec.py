@@ -1,4 +1,4 @@
-"""What the shared workflows contain: the seven graphs, the model files they name, and the one
+"""What the shared workflows contain: the eight graphs, the model files they name, and the one
 table of third-party node definitions (AnimateDiff-Evolved, Advanced-ControlNet).
 
 Graphs are written by input *name* (widget values and links alike); `make_workflows.py` turns
@@ -125,7 +125,8 @@ MODELS = {m.name: m for m in [
               "huggingface.co/spaces/ID-Animator/ID-Animator (animator.ckpt)"),
     ModelFile("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "CLIP ViT-H/14 image encoder",
               "huggingface.co/h94/IP-Adapter, models/image_encoder/model.safetensors (rename)"),
-    ModelFile("insightface/models", "buffalo_l", "insightface face detector pack (a folder; only its detector is used)",
+    ModelFile("insightface/models", "buffalo_l", "insightface pack (a folder): its face detector; `id_score` also uses "
+              "its recognition model `w600k_r50.onnx`",
               "insightface release buffalo_l.zip, unzipped so the .onnx files sit in models/insightface/models/buffalo_l/"),
     ModelFile("animatediff_models", "mm_sd_v15_v2.ckpt", "AnimateDiff v2 motion module (the one ID-Animator was trained with)",
               "huggingface.co/guoyww/animatediff"),
@@ -254,7 +255,7 @@ def apply(wf: Workflow, model: Out, ida: Node, embeds: Out) -> Out:
                   weight=0.8, start_at=0.0, end_at=1.0, lora_strength=1.0)["model"]
 
 
-# --- The seven workflows --------------------------------------------------------------------------
+# --- The workflows --------------------------------------------------------------------------
 
 
 def id_video_basic() -> Workflow:
@@ -404,8 +405,30 @@ def id_image() -> Workflow:
     return wf
 
 
+def id_score() -> Workflow:
+    wf, ckpt = video_workflow(
+        "id_score", "ID-Animator: render and score the identity",
+        "A 16-frame video of the person, scored frame by frame: face similarity, faces found, stability.",
+        "# Render, then measure the identity\n"
+        "**Face Similarity** compares the face in every generated frame with the reference photo (ArcFace "
+        "cosine with the insightface pack's recognition model, `w600k_r50.onnx` in buffalo_l). Its plot shows "
+        "the score per frame; frames where no face was found are marked with a red x and left out of the "
+        "mean. **stability** is how alike the faces of consecutive frames are.\n"
+        "Change **weight** on Apply Face Adapter or the prompt, queue again and compare the numbers. Scores "
+        "from different recognition models (buffalo_l vs antelopev2) are not comparable.\n\n"
+        f"{NOTE_MODELS} Motion: `mm_sd_v15_v2.ckpt` (AnimateDiff-Evolved).")
+    ida, encode = identity(wf)
+    model = animate(wf, apply(wf, ckpt["MODEL"], ida, encode["face_embeds"]))
+    sampling(wf, model, frames=16, prefix="id_animator/score")
+    score = wf.add("score", "FaceSimilarity", 6, title="Face similarity", reference=wf.nodes["photo"]["IMAGE"],
+                   frames=wf.nodes["decode"]["IMAGE"], insightface_pack="buffalo_l", provider="auto",
+                   frame_face="largest")
+    wf.add("mean", "PreviewAny", 7, title="Mean face similarity", source=score["mean_score"])
+    return wf
+
+
 WORKFLOWS: list[Callable[[], Workflow]] = [id_video_basic, id_mix, id_morph, id_sparsectrl, id_long_video, id_pose,
-                                           id_image]
+                                           id_image, id_score]
 
 
 def all_workflows() -> list[Workflow]:

@@ -114,4 +114,7 @@ def test_workflow_runs_end_to_end(page, browser_server, browser_base, artifacts,
         assert frames == 1 and Image.open(files[0]).size == size
     else:
         assert frames_and_size(files[0]) == (frames, size), files[0]
+    for node_id, node in prompt.items():
+        if node["class_type"] == "FaceSimilarity":  # id_score: the scores of the rendered frames, plotted
+            assert history["outputs"][node_id]["images"], history["outputs"].get(node_id)
     page.screenshot(path=str(artifacts / f"run_{name}.png"))
