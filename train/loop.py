@@ -21,6 +21,7 @@ and `animator.safetensors`, `loss.jsonl` (step, loss, lr, time), `loss.png`, `lo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -375,10 +376,40 @@ def train(args: argparse.Namespace) -> int:
         if (args.export_every and progress.step % args.export_every == 0) or last:
             export(accelerator, model, out, progress.step)
     bar.close()
+    check_replicas(accelerator, accelerator.unwrap_model(model), frozen, out)
     if accelerator.is_main_process:
         plot_loss(read_loss_log(loss_log), out / "loss.png")
     accelerator.end_training()
     return 0
+
+
+def fingerprint(tensors: dict[str, Tensor]) -> str:
+    """sha256 of names and exact bytes: equal only for bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def frozen_tensors(frozen: FrozenModels) -> dict[str, Tensor]:
+    return {f"{name}.{key}": value for name in ("unet", "text_encoder", "image_encoder")
+            for key, value in getattr(frozen, name).state_dict().items()}
+
+
+def check_replicas(accelerator: Any, adapter: torch.nn.Module, frozen: FrozenModels, out: Path) -> None:
+    """Every process must end with the same adapter (DDP keeps replicas equal; a desync would
+    train several models): fingerprints per process in RUN_DIR/replicas.json, checked here."""
+    from accelerate.utils import gather_object
+
+    mine = {"process": accelerator.process_index, "adapter": fingerprint(adapter.state_dict()),
+            "frozen": fingerprint(frozen_tensors(frozen))}
+    everyone = gather_object([mine])
+    if accelerator.is_main_process:
+        (out / "replicas.json").write_text(json.dumps(everyone, indent=1))
+    if len({entry["adapter"] for entry in everyone}) > 1:
+        raise TrainingError(f"The adapter differs between processes at the end of training ({out}/replicas.json): "
+                            f"the gradient all-reduce did not run; check the accelerate config.")
 
 
 def save_state(accelerator: Any, out: Path, step: int, keep: int) -> None:

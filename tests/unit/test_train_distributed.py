@@ -1,0 +1,167 @@
+"""The real `train` command in 2 processes on CPU (gloo) through `accelerate launch`.
+
+Tiny models are written to disk as diffusers / transformers model folders (the trainer's second
+input form; the SD1.5 single-file loaders have fixed SD1.5 shapes), the data in the formats of the
+latents, pool and captions commands. Checks: the two processes end with the same adapter, the
+frozen weights are those of the files, and a run of 2 steps resumed for 1 more logs exactly the
+losses of an uninterrupted 3-step run and ends with the same adapter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+FRAMES, SIDE, CONTEXT = 2, 8, 32
+TINY_ADAPTER = {"rank": 8, "resampler": {"dim": 32, "depth": 1, "dim_head": 16, "heads": 2,
+                                         "num_queries": 4, "ff_mult": 2}}
+CLIPS = {"actor/a": [[0, 1], [10, 11]], "actor/b": [[0, 1], [20, 21]]}
+POOL = {"actor/a": [1, 5, 30], "actor/b": [3, 40]}
+
+
+def write_models(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
+    """An SD1.5-layout diffusers folder (unet/, text_encoder/, tokenizer/), a MotionAdapter folder
+    and a CLIPVisionModelWithProjection folder, all tiny (training.md §5) and random."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    blocks = (32, 64, 64, 64)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=blocks, layers_per_block=2, cross_attention_dim=CONTEXT, attention_head_dim=2,
+        norm_num_groups=32, sample_size=SIDE,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    motion = diffusers.MotionAdapter(block_out_channels=blocks, motion_layers_per_block=2,
+                                     motion_num_attention_heads=2, motion_norm_num_groups=32,
+                                     motion_max_seq_length=32, use_motion_mid_block=True)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=CONTEXT, intermediate_size=37,
+                                        num_hidden_layers=1, num_attention_heads=2, projection_dim=CONTEXT,
+                                        max_position_embeddings=77))
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                                            num_attention_heads=2, image_size=224, patch_size=14,
+                                                            projection_dim=CONTEXT))
+    paths = {"checkpoint": root / "sd15", "motion": root / "motion", "vision": root / "vision"}
+    unet.save_pretrained(paths["checkpoint"] / "unet")
+    text.save_pretrained(paths["checkpoint"] / "text_encoder")
+    shutil.copytree(tokenizer_dir, paths["checkpoint"] / "tokenizer")
+    motion.save_pretrained(paths["motion"])
+    vision.save_pretrained(paths["vision"])
+    return paths
+
+
+def write_data(root: Path) -> dict[str, Path]:
+    """LATENTS, POOL and CAPTIONS in the plan's formats (4 clips of 2 videos)."""
+    g = torch.Generator().manual_seed(1)
+    latents = root / "latents"
+    latents.mkdir()
+    tensors, rows = {}, []
+    for video_id, clips in CLIPS.items():
+        for frames in clips:
+            k = str(len(rows))
+            tensors[f"{k}.mean"] = torch.randn(FRAMES, 4, SIDE, SIDE, generator=g).half()
+            tensors[f"{k}.std"] = (0.1 * torch.rand(FRAMES, 4, SIDE, SIDE, generator=g)).half()
+            rows.append({"clip": f"{video_id}@{frames[0]}", "id": video_id, "frames": frames,
+                         "shard": "shard-00000.safetensors", "key": k})
+    save_file(tensors, str(latents / "shard-00000.safetensors"))
+    (latents / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (latents / "meta.json").write_text(json.dumps({"frames": FRAMES, "stride": 1, "size": SIDE * 8,
+                                                   "scaling_factor": 0.18215, "checkpoint": "sd15"}))
+    pool = root / "pool"
+    for video_id, frames in POOL.items():
+        faces = []
+        for frame in frames:
+            crop = f"crops/{video_id}/{frame:06d}.png"
+            (pool / crop).parent.mkdir(parents=True, exist_ok=True)
+            Image.effect_noise((224, 224), 40 + frame).convert("RGB").save(pool / crop)
+            faces.append({"frame": frame, "box": [0, 0, 9, 9], "score": 0.9, "crop": crop})
+        record = pool / "videos" / f"{video_id}.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"video": f"{video_id}.mp4", "id": video_id, "seed": 0, "frames": 50,
+                                      "faces": faces, "rejected": {"no_face": 0, "several_faces": 0},
+                                      "dropped": None}))
+    captions = root / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"id": v, "caption": f"person {v[-1]} walks", "attribute": None,
+                                            "action": None}) + "\n" for v in CLIPS))
+    adapter_config = root / "adapter.json"
+    adapter_config.write_text(json.dumps(TINY_ADAPTER))
+    return {"latents": latents, "pool": pool, "captions": captions, "adapter_config": adapter_config}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, comfyui_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_training")
+    return {**write_models(root, comfyui_dir / "comfy" / "sd1_tokenizer"), **write_data(root)}
+
+
+def launch(files: dict[str, Path], out: Path, import_root: Path, max_steps: int, *extra: str) -> float:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "id_animator.train", "train",
+               "--checkpoint", str(files["checkpoint"]), "--motion-module", str(files["motion"]),
+               "--image-encoder", str(files["vision"]), "--latents", str(files["latents"]),
+               "--pool", str(files["pool"]), "--captions", str(files["captions"]),
+               "--adapter-config", str(files["adapter_config"]), "--out", str(out),
+               "--batch-size", "1", "--max-steps", str(max_steps), "--save-every", "1", "--log-every", "1",
+               "--export-every", "0", "--mixed-precision", "no", "--dataloader-workers", "0",
+               "--report-to", "none", "--lr", "1e-3", "--seed", "3", *extra]
+    env = {**os.environ, "PYTHONPATH": str(import_root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, f"train failed ({result.returncode}):\n{result.stderr[-6000:]}"
+    return seconds
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in map(json.loads, (out / "loss.jsonl").read_text().splitlines())}
+
+
+def test_two_processes_agree_keep_frozen_weights_and_resume_exactly(files, tmp_path: Path, import_root: Path):
+    from id_animator.train.loop import build_frozen_models, fingerprint, frozen_tensors
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    seconds = launch(files, whole, import_root, 3)
+    print(f"2-process CPU run, 3 steps: {seconds:.1f} s")
+    replicas = json.loads((whole / "replicas.json").read_text())
+    assert sorted(entry["process"] for entry in replicas) == [0, 1]
+    assert replicas[0]["adapter"] == replicas[1]["adapter"], "the two processes ended with different adapters"
+    loaded = build_frozen_models(files["checkpoint"], files["motion"], files["vision"])
+    assert {entry["frozen"] for entry in replicas} == {fingerprint(frozen_tensors(loaded))}, \
+        "frozen weights differ from the files after training"
+    # The state holds the adapter at the official keys; it trained.
+    state = load_file(str(whole / "state" / "step-3" / "model.safetensors"))
+    assert any(key.startswith("image_proj_model.") for key in state)
+    assert fingerprint(state) == replicas[0]["adapter"]
+    first = load_file(str(whole / "state" / "step-1" / "model.safetensors"))
+    assert any(not torch.equal(first[k], state[k]) for k in state)
+
+    launch(files, split, import_root, 2)
+    assert sorted(losses(split)) == [1, 2]
+    launch(files, split, import_root, 3, "--resume")
+    expected, resumed = losses(whole), losses(split)
+    print(f"losses whole {expected}, resumed {resumed}")
+    assert expected == resumed, "the resumed run did not reproduce the uninterrupted one's losses"
+    assert len(set(expected.values())) == 3
+    resumed_replicas = json.loads((split / "replicas.json").read_text())
+    assert resumed_replicas[0]["adapter"] == replicas[0]["adapter"]
