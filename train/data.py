@@ -48,9 +48,7 @@ class PooledFace(Protocol):  # train/face_pool.py PoolFace
 class ClipCache(Protocol):  # train/latents.py LatentCache
     @property
     def clips(self) -> Sequence[Any]: ...
-    @property
-    def scaling_factor(self) -> float: ...
-    def load(self, clip: Any) -> tuple[Tensor, Tensor]: ...
+    def sample(self, clip: Any, generator: torch.Generator) -> Tensor: ...
 
 
 def draw_seed(*parts: object) -> int:
@@ -178,10 +176,9 @@ class TrainingSet(torch.utils.data.Dataset):
         """Item `index` as drawn in `epoch`: the same on every rank and every run."""
         g = generator(self.seed, epoch, index)
         chosen = self._choose(g, index)
-        mean, std = self.cache.load(self.clips[index])
         # z = (mean + std·e) * scaling_factor: a fresh sample of the VAE posterior each draw.
-        latents = (mean + std * torch.randn(mean.shape, generator=g)) * self.cache.scaling_factor
-        noise = torch.randn(mean.shape, generator=g)
+        latents = self.cache.sample(self.clips[index], g)
+        noise = torch.randn(latents.shape, generator=g)
         return {
             "latents": latents,  # (F, 4, h, w)
             "noise": noise,  # ε, (F, 4, h, w)

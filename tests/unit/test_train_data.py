@@ -48,6 +48,9 @@ def write_cache(folder: Path, clips: list[tuple[str, list[int]]], *, mean: float
                      "shard": "shard-00000.safetensors", "key": str(k)})
     save_file(tensors, str(folder / "shard-00000.safetensors"))
     (folder / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    videos = {video_id: sum(row["id"] == video_id for row in rows) for video_id, _ in clips}
+    (folder / "videos.jsonl").write_text("".join(json.dumps({"id": v, "clips": n}) + "\n"  # the commit record
+                                                 for v, n in videos.items()))
     (folder / "meta.json").write_text(json.dumps({"frames": FRAMES, "stride": 1, "size": SIDE * 8,
                                                   "scaling_factor": SCALE, "checkpoint": "tiny.safetensors"}))
     return folder

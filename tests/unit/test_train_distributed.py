@@ -78,6 +78,8 @@ def write_data(root: Path) -> dict[str, Path]:
                          "shard": "shard-00000.safetensors", "key": k})
     save_file(tensors, str(latents / "shard-00000.safetensors"))
     (latents / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (latents / "videos.jsonl").write_text("".join(json.dumps({"id": v, "clips": len(c)}) + "\n"  # the commit record
+                                                  for v, c in CLIPS.items()))
     (latents / "meta.json").write_text(json.dumps({"frames": FRAMES, "stride": 1, "size": SIDE * 8,
                                                    "scaling_factor": 0.18215, "checkpoint": "sd15"}))
     pool = root / "pool"
