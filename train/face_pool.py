@@ -180,7 +180,7 @@ def _write_json(path: Path, data: Any) -> None:
     """Atomic: a reader (or a re-run) sees the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.write_text(json.dumps(data) + "\n")  # one line: 15k records stay small
     os.replace(tmp, path)
 
 

@@ -291,6 +291,13 @@ def test_a_wrong_detector_is_a_clear_error(kind: str, videos: Path, tmp_path: Pa
     assert not (out / "videos").exists()  # nothing done
 
 
+def test_the_pool_detector_runs_one_onnxruntime_thread(scrfd_onnx: Path) -> None:
+    from id_animator.train.face_pool import load_detector
+
+    session = load_detector(scrfd_onnx, "cpu")._model.session
+    assert session.get_session_options().intra_op_num_threads == 1
+
+
 def test_load_pool_of_a_folder_that_is_no_pool(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="is not a face pool"):
         load_pool(tmp_path)
