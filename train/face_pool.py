@@ -225,7 +225,8 @@ def pool_video(video: Video, detector: Any, pool_dir: Path, settings: PoolSettin
                     continue
                 face, index = found[0], order[1]
                 crops_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(align_face(rgb, face.kps)).save(pool_dir / _crop_name(video.id, index))
+                Image.fromarray(align_face(rgb, face.kps)).save(  # lossless; level 1: 3x faster than 6
+                    pool_dir / _crop_name(video.id, index), compress_level=1)
                 faces.append({"frame": index, "box": [round(float(v), 3) for v in face.bbox],
                               "score": round(float(face.score), 6), "crop": _crop_name(video.id, index),
                               "kps": [[round(float(v), 3) for v in point] for point in face.kps]})
