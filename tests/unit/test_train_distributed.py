@@ -155,6 +155,8 @@ def test_two_processes_agree_keep_frozen_weights_and_resume_exactly(files, tmp_p
     state = load_file(str(whole / "state" / "step-3" / "model.safetensors"))
     assert any(key.startswith("image_proj_model.") for key in state)
     assert fingerprint(state) == replicas[0]["adapter"]
+    assert sorted(p.name for p in (whole / "exports" / "step-3").iterdir()) == ["animator.ckpt", "animator.safetensors"]
+    assert (whole / "loss.png").is_file()
     first = load_file(str(whole / "state" / "step-1" / "model.safetensors"))
     assert any(not torch.equal(first[k], state[k]) for k in state)
 
