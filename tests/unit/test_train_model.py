@@ -436,3 +436,24 @@ def test_step_zero_from_ip_adapter_plus_equals_diffusers_ip_adapter(tmp_path, un
     with torch.no_grad():
         plain = unet(sample, timestep, encoder_hidden_states=text).sample
     assert relative_error(plain, expected) > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(unet) -> None:
+    """diffusers checkpoints non-reentrantly, so the adapter (not an input of the checkpointed
+    blocks) still gets its gradients, equal to those without checkpointing."""
+    adapter = initial_adapter(AdapterConfig.from_unet(unet, rank=TINY_RANK, resampler=TINY_RESAMPLER),
+                              "scratch", seed=0, unet=unet)
+    randomise_lora(adapter, seed=4)
+    adapter.install(unet)
+    generator = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(1, 4, 2, 8, 8, generator=generator), torch.tensor([700]),
+              torch.randn(2, 77, 32, generator=generator), torch.randn(1, 257, 48, generator=generator))
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        adapter.zero_grad()
+        adapter(unet, *inputs).square().mean().backward()
+        grads.append([p.grad.clone() for p in adapter.trainable_parameters()])
+    assert unet.is_gradient_checkpointing
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) and a.abs().sum() > 0 for a, b in zip(*grads))
