@@ -344,15 +344,15 @@ class _ShardWriter:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .sd15 import load_vae
+    from .sd15 import SD15_VAE_CONFIG, load_vae
     from .video import find_videos, frame_count
 
     _validate(args)
     videos = find_videos(args.videos)
     root = Path(args.out)
+    settings = _settings(args, SD15_VAE_CONFIG["scaling_factor"])
+    _start_folder(root, settings)  # before the model loads: a settings clash is told at once
     vae = load_vae(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device)
-    settings = _settings(args, float(vae.config.scaling_factor))
-    _start_folder(root, settings)
     finished = _finished_videos(root)
     todo = [v for v in videos if v.id not in finished or finished[v.id].get("retry")]
     log.info("%d videos, %d already done, %d to encode", len(videos), len(videos) - len(todo), len(todo))

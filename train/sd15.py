@@ -92,6 +92,13 @@ UNUSED_TEXT_KEYS = frozenset({f"{TEXT_PREFIX}text_projection.weight",
 # --- Reading files ---------------------------------------------------------------------------------
 
 
+def is_safetensors(path: Path) -> bool:
+    """By content, not suffix: an 8-byte header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 class StateFile:
     """A weights file read lazily: its keys and shapes at once, tensors only when asked, so a
     loader takes just its part of a 2-4 GB checkpoint into memory."""
@@ -101,7 +108,7 @@ class StateFile:
         if not self.path.is_file():
             raise CheckpointError(f"{self.path} does not exist; give the path of the model file.")
         try:
-            if self.path.suffix == ".safetensors":
+            if is_safetensors(self.path):
                 from safetensors import safe_open
 
                 self._file = safe_open(str(self.path), "pt")
