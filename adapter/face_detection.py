@@ -299,15 +299,22 @@ class FaceDetector:
     """The detection model (SCRFD) of an insightface pack, run through insightface's own SCRFD code."""
 
     def __init__(self, pack_dir: str | Path, providers: Sequence[str] = (_CPU,),
-                 det_thresh: float = 0.5) -> None:
+                 det_thresh: float = 0.5, threads: int | None = None) -> None:
+        """`threads`: onnxruntime threads (None: its default, every core); the face pool's
+        worker processes take one each."""
         # imported here: insightface pulls in a lot and only the loader needs it
+        import onnxruntime
         from insightface.model_zoo import model_zoo
         from insightface.model_zoo.scrfd import SCRFD
 
         self.model_file = find_detection_model(pack_dir)
         self.det_thresh = float(det_thresh)  # official FaceAnalysis default 0.5
+        options = {}
+        if threads is not None:
+            options["sess_options"] = onnxruntime.SessionOptions()
+            options["sess_options"].intra_op_num_threads = options["sess_options"].inter_op_num_threads = threads
         try:
-            model = model_zoo.get_model(str(self.model_file), providers=list(providers))
+            model = model_zoo.get_model(str(self.model_file), providers=list(providers), **options)
         except Exception as error:
             raise IDAnimatorError(
                 f"Could not load the face detector {self.model_file} with providers {list(providers)}: "

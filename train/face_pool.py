@@ -314,28 +314,12 @@ def _check_settings(pool_dir: Path, settings: PoolSettings) -> None:
 
 def load_detector(detector_path: str | Path, provider: str = "CPU", det_thresh: float = 0.5) -> Any:
     """Our SCRFD FaceDetector on one onnxruntime thread (workers share the cores)."""
+    import cv2
+
     from ..adapter.face_detection import FaceDetector, resolve_providers
 
-    detector = FaceDetector(detector_path, providers=resolve_providers(provider), det_thresh=det_thresh)
-    _one_thread(detector)
-    return detector
-
-
-def _one_thread(detector: Any) -> None:
-    """Re-create the detector's session with one intra-op thread. FaceDetector takes no session
-    options; insightface 2.1's SCRFD re-derives its per-size sessions from `session`."""
-    import cv2
-    import onnxruntime
-
-    cv2.setNumThreads(1)
-    model = getattr(detector, "_model", None)
-    if model is None or not hasattr(model, "session"):
-        logger.debug("face detector has no session to limit to one thread")
-        return
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    model.session = onnxruntime.InferenceSession(str(detector.model_file), sess_options=options,
-                                                 providers=detector.providers_in_use)
+    cv2.setNumThreads(1)  # the crops' warps; workers are processes, one core each
+    return FaceDetector(detector_path, providers=resolve_providers(provider), det_thresh=det_thresh, threads=1)
 
 
 _WORKER: dict[str, Any] = {}  # the detector of a worker process
