@@ -77,7 +77,7 @@ def main() -> None:
                   f"{result['crops']} crops, {result['rejected_several_faces']} multi-face frames rejected; "
                   f"load {load})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": common.machine(), "videos": VIDEOS, "frames": FRAMES, "size": SIZE,
+    args.out.write_text(json.dumps({"command": "python bench/face_pool.py " + " ".join(sys.argv[1:]), "machine": common.machine(), "videos": VIDEOS, "frames": FRAMES, "size": SIZE,
                                     "runs": runs}, indent=1))
 
 

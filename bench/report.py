@@ -231,6 +231,57 @@ def load_encode_section(data: dict, summary: list) -> str:
               "times (ComfyUI's `execution_cached` message):\n\n" + rerun)
 
 
+def training_section(step: dict | None, data: dict | None, pool: dict | None, summary: list) -> str:
+    """Issue 14's benchmarks: the adapter's share of a training step, memory, data path, face pool."""
+    parts = ["### 6. Training"]
+    if step is not None:
+        rows = []
+        for model, entry in step["models"].items():
+            t = entry.get("time")
+            if t is not None:
+                s = t["stats"]
+                rows.append([model, f"{t['flops']['ours'] / 1e9:.1f} / {t['flops']['floor'] / 1e9:.1f}",
+                             f"{t['predicted_ratio']:.4f}x", ratio(t["measured_ratio"]),
+                             f"{t['measured_over_predicted']:.4f}", f"{s['ours']['median']:.3f} / {s['floor']['median']:.3f}",
+                             loads(t["load_average_1min"])])
+                summary.append([f"training step, {model}: ours vs the frozen model's forward+backward, over the FLOP "
+                                f"prediction ({t['predicted_ratio']:.3f}x)", f"{t['measured_over_predicted']:.3f}",
+                                verdict(t["measured_over_predicted"], 1.05), "-"])
+        memory = [[model, name, f"{m['measured_peak_growth'] / 2**20:.0f}", f"{m['counted_peak'] / 2**20:.0f}"]
+                  for model, entry in step["models"].items() for name, m in entry["memory"].items()]
+        full = step["full_size_estimate"]
+        full_rows = [[name, f"{e['activations_peak'] / 2**30:.1f}", f"{(e['frozen_unet'] + e['frozen_encoders']) / 2**30:.1f}",
+                      f"{e['adapter_training_state'] / 2**30:.2f}", f"{e['total'] / 1e9:.1f}"] for name, e in full.items()]
+        checkpointed = full["checkpointing"]["total"] / 1e9
+        summary.append(["training step memory, 16x512x512, batch 2, bf16, gradient checkpointing (counted)",
+                        f"{checkpointed:.1f} GB ({full['plain']['total'] / 1e9:.1f} GB without)",
+                        f"≤ 40 GB: {'met' if checkpointed <= 40 else 'not met'}", "-"])
+        parts += [header(step), table(["model", "GFLOP ours / floor", "FLOP prediction", "measured ratio (min-max)",
+                                       "measured / predicted", "CPU s ours / floor", "load 1 min"], rows),
+                  "Peak memory of one step at the reduced size (MiB; measured: the process's peak RSS growth; "
+                  "counted: live tensor storages, op by op):",
+                  table(["model", "mode", "measured", "counted"], memory),
+                  "Full size (16 frames, 512x512, batch 2, bf16), counted on the meta device (GiB; total in GB):",
+                  table(["mode", "activations", "frozen weights", "adapter fp32 + grads + AdamW", "total GB"], full_rows)]
+    if data is not None:
+        goal = data["goal_clips_per_s"]
+        items = data["items_per_s"]["median"]
+        summary.append(["training data path, whole items per s on one core", f"{items:.0f}/s",
+                        f"≥ {goal:.0f}/s (10x an A100's need): {'met' if items >= goal else 'not met'}", "-"])
+        parts += [header(data), table(["what", "per s, median (min-max)"], [
+            [name, f"{data[name]['median']:.1f} ({data[name]['min']:.1f}-{data[name]['max']:.1f})"]
+            for name in ("clips_per_s", "face_draws_per_s", "items_per_s", "batches_of_2_per_s")])]
+    if pool is not None:
+        rows = [[r["workers"], f"{r['wall_s']:.1f}", f"{r['videos_per_min']:.0f}", f"{r['frames_examined_per_s']:.1f}",
+                 r["frames_examined"], r["crops"], r["rejected_several_faces"], r["load_average_1min_before"]]
+                for r in pool["runs"]]
+        summary += [[f"face pool, {r['workers']} worker(s)", f"{r['videos_per_min']:.0f} videos/min, "
+                     f"{r['frames_examined_per_s']:.1f} frames/s", "-", "-"] for r in pool["runs"]]
+        parts += [header(pool), table(["workers", "wall s", "videos/min", "frames examined/s", "frames", "crops",
+                                       "multi-face frames rejected", "load 1 min"], rows)]
+    return "\n\n".join(parts)
+
+
 def render() -> str:
     summary: list[list[Any]] = []
     sections = []
@@ -246,7 +297,10 @@ def render() -> str:
     cuda = sorted(p.name for p in RESULTS.glob("*-cuda.json"))
     sections.append("### 5. GPU\n\n" + (f"Results: {', '.join(cuda)}." if cuda else
                     "**Missing**: no GPU machine was lent to the runs behind these results, so there are no fp16 "
-                    "step times or peak VRAM numbers yet. On a machine with CUDA: `bench/run_all --device cuda`."))
+                    "sampling or training step times and no peak VRAM numbers yet (the full-size training step's "
+                    "memory below is counted, not measured). On a machine with CUDA: `bench/run_all --device cuda`."))
+    if any(read(name) is not None for name in ("train_step", "train_data", "face_pool")):
+        sections.append(training_section(read("train_step"), read("train_data"), read("face_pool"), summary))
     head = ("## Results\n\n### Summary\n\n"
             + table(["what", "measured (median, min-max)", "goal", "machine contended"], summary))
     return "\n\n".join([BEGIN, head, *sections, END])

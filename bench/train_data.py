@@ -20,6 +20,7 @@ import common  # noqa: I001  (sets up sys.path for the test bed)
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,7 +121,7 @@ def main() -> None:
             "batches_of_2_per_s": rate(lambda i: collate([data.draw(1, 2 * i % n), data.draw(1, (2 * i + 1) % n)]),
                                        n // 2, args.rounds),
         }
-    report = {"machine": common.machine(), "shape": {"frames": FRAMES, "latent": SIDE, "clips": n,
+    report = {"command": "python bench/train_data.py " + " ".join(sys.argv[1:]), "machine": common.machine(), "shape": {"frames": FRAMES, "latent": SIDE, "clips": n,
               "faces": len(faces)}, "goal_clips_per_s": GOAL_CLIPS_PER_S, "load_average_1min": common.load_average(),
               **results}
     for name, r in results.items():

@@ -283,7 +283,7 @@ def main() -> None:
     if args._memory:
         print(json.dumps(measure_memory(args._memory[0], args._memory[1] == "1")))
         return
-    report: dict[str, Any] = {"machine": common.machine(), "models": {}}
+    report: dict[str, Any] = {"command": "python bench/train_step.py " + " ".join(sys.argv[1:]), "machine": common.machine(), "models": {}}
     for model in args.model:
         entry: dict[str, Any] = {}
         if not args.memory_only:

@@ -139,21 +139,23 @@ def build_frozen_models(checkpoint: str | Path, motion_module: str | Path, image
                                 "AnimateDiff .ckpt) or both as diffusers folders.")
         unet2d = UNet2DConditionModel.from_pretrained(_from_folder(checkpoint / "unet", "unet"), local_files_only=True)
         motion = MotionAdapter.from_pretrained(motion_module, local_files_only=True)
-        unet = UNetMotionModel.from_unet2d(unet2d, motion)
+        unet = freeze(UNetMotionModel.from_unet2d(unet2d, motion), device, dtype)
+        del unet2d, motion
         text_encoder = CLIPTextModel.from_pretrained(_from_folder(checkpoint / "text_encoder", "text_encoder"),
                                                      local_files_only=True)
         if tokenizer is None and (checkpoint / "tokenizer" / "vocab.json").is_file():
             tokenizer = checkpoint / "tokenizer"
         tokens = sd15.load_tokenizer(tokenizer)
     else:
-        unet = sd15.load_unet(checkpoint, motion_module)
-        text_encoder, tokens = sd15.load_text_encoder(checkpoint, tokenizer)
+        # each model in the compute dtype as it loads: never all of them in fp32 at once
+        unet = sd15.load_unet(checkpoint, motion_module, dtype=dtype, device=device)
+        text_encoder, tokens = sd15.load_text_encoder(checkpoint, tokenizer, dtype=dtype, device=device)
     if image_encoder.is_dir():
         from transformers import CLIPVisionModelWithProjection
 
         vision = CLIPVisionModelWithProjection.from_pretrained(image_encoder, local_files_only=True)
     else:
-        vision = sd15.load_image_encoder(image_encoder)
+        vision = sd15.load_image_encoder(image_encoder, dtype=dtype, device=device)
     return FrozenModels(unet=freeze(unet, device, dtype), text_encoder=freeze(text_encoder, device, dtype),
                         tokenizer=tokens, image_encoder=freeze(vision, device, dtype),
                         scheduler=sd15.noise_scheduler())
