@@ -29,60 +29,35 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from id_animator.train.captions import load_captions
 from id_animator.train.data import TrainingSet, collate, read_crop
 from id_animator.train.face_pool import load_pool
 from id_animator.train.latents import LatentCache
+from support.train_data import gaussian_moments, write_captions, write_latent_cache, write_pool
 
 FRAMES, SIDE, STRIDE, SCALE = 16, 64, 4, 0.18215
 GOAL_CLIPS_PER_S = 40.0
 
 
 def write_dataset(root: Path, videos: int, clips_per_video: int, shard_clips: int = 128) -> None:
-    """LATENTS, POOL and captions.jsonl in the trainer's formats, random content."""
+    """LATENTS, POOL and captions.jsonl in the trainer's formats, random content: 5 crops per video,
+    each the astronaut's face with its own noise."""
     from support.photos import astronaut_image
 
-    g = torch.Generator().manual_seed(0)
-    latents, pool = root / "latents", root / "pool"
-    latents.mkdir(parents=True)
-    index, shard, tensors = [], 0, {}
-    for v in range(videos):
-        for c in range(clips_per_video):
-            key = str(len(tensors) // 2)
-            frames = [c * 200 + 50 + STRIDE * i for i in range(FRAMES)]  # away from the pool's frames
-            tensors[f"{key}.mean"] = torch.randn(FRAMES, 4, SIDE, SIDE, generator=g).half()
-            tensors[f"{key}.std"] = torch.rand(FRAMES, 4, SIDE, SIDE, generator=g).half()
-            index.append({"clip": f"v{v:04d}@{frames[0]}", "id": f"v{v:04d}", "frames": frames,
-                          "shard": f"shard-{shard:05d}.safetensors", "key": key})
-            if len(tensors) // 2 == shard_clips:
-                save_file(tensors, str(latents / f"shard-{shard:05d}.safetensors"))
-                shard, tensors = shard + 1, {}
-    if tensors:
-        save_file(tensors, str(latents / f"shard-{shard:05d}.safetensors"))
-    (latents / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in index))
-    (latents / "videos.jsonl").write_text("".join(json.dumps({"id": f"v{v:04d}", "clips": clips_per_video}) + "\n"
-                                                  for v in range(videos)))
-    (latents / "meta.json").write_text(json.dumps({"frames": FRAMES, "stride": STRIDE, "size": SIDE * 8,
-                                                   "scaling_factor": SCALE, "checkpoint": "random"}))
+    ids = [f"v{v:04d}" for v in range(videos)]
+    clips = [(video_id, [c * 200 + 50 + STRIDE * i for i in range(FRAMES)])  # away from the pool's frames
+             for video_id in ids for c in range(clips_per_video)]
+    write_latent_cache(root / "latents", clips, gaussian_moments(0), frames=FRAMES, side=SIDE, stride=STRIDE,
+                       checkpoint="random", scaling_factor=SCALE, shard_clips=shard_clips)
     face = np.asarray(Image.fromarray(astronaut_image()).resize((224, 224), Image.BICUBIC))
     rng = np.random.default_rng(0)
-    for v in range(videos):
-        faces = []
-        for k in range(5):
-            crop = f"crops/v{v:04d}/{k:06d}.png"
-            (pool / crop).parent.mkdir(parents=True, exist_ok=True)
-            noisy = np.clip(face.astype(int) + rng.integers(-8, 9, face.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(noisy).save(pool / crop, compress_level=1)  # as the pool command writes
-            faces.append({"frame": k, "box": [0, 0, 1, 1], "score": 0.9, "crop": crop, "kps": []})
-        record = {"video": f"v{v:04d}.mp4", "id": f"v{v:04d}", "seed": v, "frames": 1000, "faces": faces,
-                  "rejected": {"no_face": 0, "several_faces": 0}, "tried": 5, "dropped": None}
-        (pool / "videos").mkdir(parents=True, exist_ok=True)
-        (pool / "videos" / f"v{v:04d}.json").write_text(json.dumps(record))
-    (root / "captions.jsonl").write_text("".join(
-        json.dumps({"id": f"v{v:04d}", "caption": f"a person, number {v}, talking", "attribute": None,
-                    "action": None}) + "\n" for v in range(videos)))
+
+    def noisy_face(video_id: str, frame: int) -> Image.Image:
+        return Image.fromarray(np.clip(face.astype(int) + rng.integers(-8, 9, face.shape), 0, 255).astype(np.uint8))
+
+    write_pool(root / "pool", {video_id: range(5) for video_id in ids}, noisy_face)
+    write_captions(root / "captions.jsonl", {f"v{v:04d}": f"a person, number {v}, talking" for v in range(videos)})
 
 
 def rate(fn: Callable[[int], Any], count: int, rounds: int) -> dict[str, float]:

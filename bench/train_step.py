@@ -40,9 +40,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from id_animator.train.model import AdapterConfig, FaceAdapter, ResamplerConfig
+from support import tiny_models
 
 SIZES = {  # model: (frames, latent side, clip feature width, tokens, text width)
-    "tiny": dict(frames=4, latent=8, features=48, tokens=257, context=32),
+    "tiny": dict(frames=4, latent=8, features=tiny_models.FEATURES, tokens=257, context=tiny_models.CONTEXT),
     "sd15": dict(frames=4, latent=16, features=1280, tokens=257, context=768),
 }
 
@@ -53,8 +54,7 @@ def build_unet(model: str, device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device(device):
         if model == "tiny":
-            unet = UNetMotionModel(block_out_channels=(32, 64, 64, 64), layers_per_block=2, cross_attention_dim=32,
-                                   num_attention_heads=2, motion_num_attention_heads=2, norm_num_groups=32)
+            unet = tiny_models.tiny_unet()
         else:
             from id_animator.train.sd15 import MOTION_ADAPTER_CONFIG, SD15_UNET_CONFIG
 
@@ -66,8 +66,8 @@ def build_unet(model: str, device: str = "cpu") -> torch.nn.Module:
 def build_adapter(model: str, unet: torch.nn.Module, device: str = "cpu") -> FaceAdapter:
     torch.manual_seed(1)
     if model == "tiny":
-        config = AdapterConfig.from_unet(unet, rank=8, resampler=ResamplerConfig(
-            dim=32, depth=1, dim_head=16, heads=2, num_queries=4, embedding_dim=48, output_dim=32, ff_mult=4))
+        config = AdapterConfig.from_unet(unet, rank=tiny_models.RANK, resampler=ResamplerConfig(
+            **tiny_models.RESAMPLER, embedding_dim=tiny_models.FEATURES, output_dim=tiny_models.CONTEXT, ff_mult=4))
     else:
         config = AdapterConfig.sd15()
     with torch.device(device):

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,19 @@ def pytest_runtest_teardown(item, nextitem):
         with open(log, "a") as out:
             out.write(f"{item.nodeid}\trss_mib={int(status['VmRSS'].split()[0]) // 1024}"
                       f"\tpeak_mib={int(status['VmHWM'].split()[0]) // 1024}\n")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tests, the previous count restored after: two threads on a
+    busy 2-core machine ran ~10x slower (training.md §5). Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

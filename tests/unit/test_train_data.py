@@ -6,54 +6,32 @@ crop is filled with a colour that encodes its frame, so a drawn reference can be
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from id_animator.adapter.errors import TrainingError
 from id_animator.train.captions import load_captions
 from id_animator.train.data import StepBatches, TrainingSet, collate, epoch_order
 from id_animator.train.face_pool import load_pool
 from id_animator.train.latents import LatentCache
+from support import train_data
+from support.train_data import gaussian_moments, write_captions, write_latent_cache
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FRAMES, SIDE, SCALE = 4, 8, 0.18215
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_cache(folder: Path, clips: list[tuple[str, list[int]]], *, mean: float | None = None,
                 std: float | None = None, seed: int = 0) -> Path:
-    """LATENTS in the plan's format: meta.json, one shard of fp16 mean/std, index.jsonl."""
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors, rows = {}, []
-    for k, (video_id, frames) in enumerate(clips):
-        shape = (len(frames), 4, SIDE, SIDE)
-        tensors[f"{k}.mean"] = (torch.full(shape, mean) if mean is not None else torch.randn(shape, generator=g)).half()
-        tensors[f"{k}.std"] = (torch.full(shape, std) if std is not None else torch.rand(shape, generator=g)).half()
-        rows.append({"clip": f"{video_id}@{frames[0]}", "id": video_id, "frames": frames,
-                     "shard": "shard-00000.safetensors", "key": str(k)})
-    save_file(tensors, str(folder / "shard-00000.safetensors"))
-    (folder / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    videos = {video_id: sum(row["id"] == video_id for row in rows) for video_id, _ in clips}
-    (folder / "videos.jsonl").write_text("".join(json.dumps({"id": v, "clips": n}) + "\n"  # the commit record
-                                                 for v, n in videos.items()))
-    (folder / "meta.json").write_text(json.dumps({"frames": FRAMES, "stride": 1, "size": SIDE * 8,
-                                                  "scaling_factor": SCALE, "checkpoint": "tiny.safetensors"}))
-    return folder
+    """LATENTS of clips of 8x8 latents, random unless mean and std are given."""
+    return write_latent_cache(folder, clips, gaussian_moments(seed, mean=mean, std=std), frames=FRAMES, side=SIDE,
+                              checkpoint="tiny.safetensors", scaling_factor=SCALE)
 
 
 def crop_colour(frame: int) -> tuple[int, int, int]:
@@ -61,28 +39,9 @@ def crop_colour(frame: int) -> tuple[int, int, int]:
 
 
 def write_pool(folder: Path, faces: dict[str, list[int]], dropped: tuple[str, ...] = ()) -> Path:
-    """POOL in the plan's format: videos/<id>.json and 224x224 PNG crops (colour = frame)."""
-    for video_id, frames in faces.items():
-        entries = []
-        for frame in frames:
-            crop = f"crops/{video_id}/{frame:06d}.png"
-            (folder / crop).parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (224, 224), crop_colour(frame)).save(folder / crop)
-            entries.append({"frame": frame, "box": [0, 0, 10, 10], "score": 0.9, "crop": crop})
-        record = {"video": f"/videos/{video_id}.mp4", "id": video_id, "seed": 0, "frames": 100,
-                  "faces": [] if video_id in dropped else entries,
-                  "rejected": {"no_face": 0, "several_faces": 0},
-                  "dropped": "no single-face frame" if video_id in dropped else None}
-        path = folder / "videos" / f"{video_id}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record))
-    return folder
-
-
-def write_captions(path: Path, captions: dict[str, str]) -> Path:
-    path.write_text("".join(json.dumps({"id": k, "caption": v, "attribute": None, "action": None}) + "\n"
-                            for k, v in captions.items()))
-    return path
+    """POOL of 224x224 crops filled with their frame's colour."""
+    return train_data.write_pool(folder, faces, lambda _, frame: Image.new("RGB", (224, 224), crop_colour(frame)),
+                                 dropped)
 
 
 def training_set(tmp: Path, clips, pool, captions, **kwargs) -> TrainingSet:

@@ -20,15 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+from support.tiny_models import (
+    ADAPTER as TINY_ADAPTER, tiny_image_encoder, tiny_motion_adapter, tiny_text_encoder, tiny_unet2d,
+)
+from support.train_data import gaussian_moments, write_captions, write_latent_cache, write_pool
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-FRAMES, SIDE, CONTEXT = 2, 8, 32
-TINY_ADAPTER = {"rank": 8, "resampler": {"dim": 32, "depth": 1, "dim_head": 16, "heads": 2,
-                                         "num_queries": 4, "ff_mult": 2}}
+FRAMES, SIDE = 2, 8
 CLIPS = {"actor/a": [[0, 1], [10, 11]], "actor/b": [[0, 1], [20, 21]]}
 POOL = {"actor/a": [1, 5, 30], "actor/b": [3, 40]}
 
@@ -36,24 +39,9 @@ POOL = {"actor/a": [1, 5, 30], "actor/b": [3, 40]}
 def write_models(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
     """An SD1.5-layout diffusers folder (unet/, text_encoder/, tokenizer/), a MotionAdapter folder
     and a CLIPVisionModelWithProjection folder, all tiny (training.md §5) and random."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
-
     torch.manual_seed(0)
-    blocks = (32, 64, 64, 64)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=blocks, layers_per_block=2, cross_attention_dim=CONTEXT, attention_head_dim=2,
-        norm_num_groups=32, sample_size=SIDE,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    motion = diffusers.MotionAdapter(block_out_channels=blocks, motion_layers_per_block=2,
-                                     motion_num_attention_heads=2, motion_norm_num_groups=32,
-                                     motion_max_seq_length=32, use_motion_mid_block=True)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=CONTEXT, intermediate_size=37,
-                                        num_hidden_layers=1, num_attention_heads=2, projection_dim=CONTEXT,
-                                        max_position_embeddings=77))
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                                            num_attention_heads=2, image_size=224, patch_size=14,
-                                                            projection_dim=CONTEXT))
+    unet, motion = tiny_unet2d(sample_size=SIDE), tiny_motion_adapter()
+    text, vision = tiny_text_encoder(), tiny_image_encoder()
     paths = {"checkpoint": root / "sd15", "motion": root / "motion", "vision": root / "vision"}
     unet.save_pretrained(paths["checkpoint"] / "unet")
     text.save_pretrained(paths["checkpoint"] / "text_encoder")
@@ -64,40 +52,12 @@ def write_models(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
 
 
 def write_data(root: Path) -> dict[str, Path]:
-    """LATENTS, POOL and CAPTIONS in the plan's formats (4 clips of 2 videos)."""
-    g = torch.Generator().manual_seed(1)
-    latents = root / "latents"
-    latents.mkdir()
-    tensors, rows = {}, []
-    for video_id, clips in CLIPS.items():
-        for frames in clips:
-            k = str(len(rows))
-            tensors[f"{k}.mean"] = torch.randn(FRAMES, 4, SIDE, SIDE, generator=g).half()
-            tensors[f"{k}.std"] = (0.1 * torch.rand(FRAMES, 4, SIDE, SIDE, generator=g)).half()
-            rows.append({"clip": f"{video_id}@{frames[0]}", "id": video_id, "frames": frames,
-                         "shard": "shard-00000.safetensors", "key": k})
-    save_file(tensors, str(latents / "shard-00000.safetensors"))
-    (latents / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (latents / "videos.jsonl").write_text("".join(json.dumps({"id": v, "clips": len(c)}) + "\n"  # the commit record
-                                                  for v, c in CLIPS.items()))
-    (latents / "meta.json").write_text(json.dumps({"frames": FRAMES, "stride": 1, "size": SIDE * 8,
-                                                   "scaling_factor": 0.18215, "checkpoint": "sd15"}))
-    pool = root / "pool"
-    for video_id, frames in POOL.items():
-        faces = []
-        for frame in frames:
-            crop = f"crops/{video_id}/{frame:06d}.png"
-            (pool / crop).parent.mkdir(parents=True, exist_ok=True)
-            Image.effect_noise((224, 224), 40 + frame).convert("RGB").save(pool / crop)
-            faces.append({"frame": frame, "box": [0, 0, 9, 9], "score": 0.9, "crop": crop})
-        record = pool / "videos" / f"{video_id}.json"
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"video": f"{video_id}.mp4", "id": video_id, "seed": 0, "frames": 50,
-                                      "faces": faces, "rejected": {"no_face": 0, "several_faces": 0},
-                                      "dropped": None}))
-    captions = root / "captions.jsonl"
-    captions.write_text("".join(json.dumps({"id": v, "caption": f"person {v[-1]} walks", "attribute": None,
-                                            "action": None}) + "\n" for v in CLIPS))
+    """LATENTS, POOL and CAPTIONS in the plan's formats (4 clips of 2 videos), crops of noise."""
+    clips = [(video_id, frames) for video_id, video_clips in CLIPS.items() for frames in video_clips]
+    latents = write_latent_cache(root / "latents", clips, gaussian_moments(1, std_scale=0.1), frames=FRAMES,
+                                 side=SIDE, checkpoint="sd15")
+    pool = write_pool(root / "pool", POOL, lambda _, frame: Image.effect_noise((224, 224), 40 + frame).convert("RGB"))
+    captions = write_captions(root / "captions.jsonl", {v: f"person {v[-1]} walks" for v in CLIPS})
     adapter_config = root / "adapter.json"
     adapter_config.write_text(json.dumps(TINY_ADAPTER))
     return {"latents": latents, "pool": pool, "captions": captions, "adapter_config": adapter_config}

@@ -17,13 +17,7 @@ from id_animator.train import export
 from id_animator.train.cli import main as cli_main
 from id_animator.train.model import AdapterConfig, FaceAdapter, ResamplerConfig, initial_adapter
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config() -> AdapterConfig:

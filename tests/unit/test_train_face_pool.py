@@ -30,21 +30,12 @@ cv2 = pytest.importorskip("cv2")
 skimage_data = pytest.importorskip("skimage.data")
 from PIL import Image  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 SIZE = 256
 MIXED_FACE_FRAMES = (2, 7, 13)  # astronaut frames of mixed.mp4; the other 13 are Solvay
 MIXED_FRAMES = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

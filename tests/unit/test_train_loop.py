@@ -17,37 +17,23 @@ from id_animator.train.loop import (
     FrozenModels, build_adapter, freeze, make_optimizer, training_step,
 )
 from id_animator.train.sd15 import encode_prompts, noise_scheduler
+from support.tiny_models import (
+    ADAPTER as TINY_ADAPTER, CONTEXT, QUERIES, tiny_image_encoder, tiny_text_encoder, tiny_unet,
+)
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
 
-FRAMES, SIDE, CONTEXT, QUERIES = 2, 8, 32, 4
-TINY_ADAPTER = {"rank": 8, "resampler": {"dim": 32, "depth": 1, "dim_head": 16, "heads": 2,
-                                         "num_queries": QUERIES, "ff_mult": 2}}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+FRAMES, SIDE = 2, 8
 
 
 def tiny_frozen_models(tokenizer_dir: Path) -> FrozenModels:
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from transformers import CLIPTokenizer
 
     torch.manual_seed(0)
-    unet = diffusers.UNetMotionModel(block_out_channels=(32, 64, 64, 64), layers_per_block=2,
-                                     cross_attention_dim=CONTEXT, num_attention_heads=2,
-                                     motion_num_attention_heads=2, norm_num_groups=32)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=CONTEXT, intermediate_size=37,
-                                        num_hidden_layers=1, num_attention_heads=2, projection_dim=CONTEXT,
-                                        max_position_embeddings=77))
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                                            num_attention_heads=2, image_size=224, patch_size=14,
-                                                            projection_dim=CONTEXT))
+    unet, text, vision = tiny_unet(), tiny_text_encoder(), tiny_image_encoder()
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     return FrozenModels(unet=freeze(unet), text_encoder=freeze(text), tokenizer=tokenizer,
                         image_encoder=freeze(vision), scheduler=noise_scheduler())

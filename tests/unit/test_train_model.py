@@ -19,8 +19,11 @@ from id_animator.adapter.layer_map import LAYERS, LORA_TARGETS
 from id_animator.train.model import (
     AdapterConfig, FaceAdapter, FaceAttnProcessor, ResamplerConfig, initial_adapter)
 
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+from support import tiny_models  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY_RANK = 8
 # Width 64 = one head of 64: the head split diffusers' IP-Adapter-Plus loader assumes (rows // 64);
@@ -29,22 +32,12 @@ TINY_RESAMPLER = ResamplerConfig(dim=64, depth=4, dim_head=64, heads=1, num_quer
                                  embedding_dim=48, output_dim=32, ff_mult=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_unet():
     """training.md §5: same 16 attn2 module names as SD1.5, 4.8 M parameters."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        unet = diffusers.UNetMotionModel(
-            block_out_channels=(32, 64, 64, 64), layers_per_block=2, cross_attention_dim=32,
-            num_attention_heads=2, motion_num_attention_heads=2, norm_num_groups=32)
+        unet = tiny_models.tiny_unet()
     return unet.requires_grad_(False).eval()
 
 
