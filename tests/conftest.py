@@ -2,6 +2,7 @@
 core is imported (`id_animator.adapter`) by unit tests that need no ComfyUI."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import subprocess
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from support.harness import return_freed_memory
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "id_animator"
@@ -86,6 +89,11 @@ def pytest_runtest_teardown(item, nextitem):
     # pytest keeps every test's fixture values until the session ends: a module fixture's models
     # would outlive the module and stack up under the next suite's ComfyUI.
     item.funcargs.clear()
+    if nextitem is None or nextitem.module is not item.module:
+        # a module's models are gone with its fixtures: give their pages back (glibc keeps small
+        # freed blocks), so the next module (or a browser test's server) does not start above them
+        gc.collect()
+        return_freed_memory()
     if log := os.environ.get("IDA_MEMORY_LOG"):  # where memory goes, test by test (bench/peak_memory.py)
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
         with open(log, "a") as out:
