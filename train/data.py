@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,27 +28,12 @@ from torch import Tensor
 
 from ..adapter.errors import TrainingError
 from ..adapter.resampler import CLIP_IMAGE_SIZE
+from .face_pool import PoolFace
+from .latents import Clip, LatentCache
 
 logger = logging.getLogger(__name__)
 
 NULL_TEXT = ""  # the null-text condition of classifier-free guidance is the encoded empty prompt
-
-
-class CachedClip(Protocol):  # train/latents.py Clip
-    name: str
-    video_id: str
-    frames: Sequence[int]
-
-
-class PooledFace(Protocol):  # train/face_pool.py PoolFace
-    frame: int
-    crop: Path
-
-
-class ClipCache(Protocol):  # train/latents.py LatentCache
-    @property
-    def clips(self) -> Sequence[Any]: ...
-    def sample(self, clip: Any, generator: torch.Generator) -> Tensor: ...
 
 
 def draw_seed(*parts: object) -> int:
@@ -96,14 +81,14 @@ class Choices:
 
     drop_text: bool
     drop_image: bool
-    reference: Any  # a PooledFace of the clip's video, outside the clip's frames
+    reference: PoolFace  # of the clip's video, outside the clip's frames
     timestep: int
 
 
 class TrainingSet(torch.utils.data.Dataset):
     """Map-style dataset indexed by (epoch, index); see the module docstring."""
 
-    def __init__(self, cache: ClipCache, pool: Mapping[str, Sequence[PooledFace]],
+    def __init__(self, cache: LatentCache, pool: Mapping[str, Sequence[PoolFace]],
                  captions: Mapping[str, str], *, seed: int, null_text_rate: float = 0.2,
                  null_image_rate: float = 0.0, num_train_timesteps: int = 1000) -> None:
         for name, rate in (("null-text rate", null_text_rate), ("null-image rate", null_image_rate)):
@@ -114,9 +99,9 @@ class TrainingSet(torch.utils.data.Dataset):
         self.null_text_rate = null_text_rate
         self.null_image_rate = null_image_rate
         self.num_train_timesteps = num_train_timesteps
-        self.clips: list[Any] = []
+        self.clips: list[Clip] = []
         self.captions: list[str] = []
-        self.references: list[list[PooledFace]] = []
+        self.references: list[list[PoolFace]] = []
         reasons: Counter[str] = Counter()
         examples: dict[str, str] = {}
         for clip in cache.clips:
