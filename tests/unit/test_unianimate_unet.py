@@ -157,3 +157,33 @@ def test_inputs_the_model_cannot_take_are_refused_with_the_fix(zero_y):
     with pytest.raises(UniAnimateInputError, match="reference_latent but no pose"):
         unet(data["x"], data["t"], zero_y=zero_y, pose=data["dwpose"], reference_latent=data["randomref"],
              present={"pose": torch.tensor([False]), "reference_latent": torch.tensor([True])})
+
+
+def test_every_layer_with_weights_is_built_through_operations():
+    """ComfyUI passes comfy.ops (weight casting, offloading): no layer may bypass it."""
+    made = []
+
+    def tracked(base):
+        return type(base.__name__, (base,), {"__init__": lambda self, *a, **k: (base.__init__(self, *a, **k),
+                                                                                   made.append(self))[0]})
+
+    ops = type("Ops", (), {n: tracked(getattr(torch.nn, n))
+                           for n in ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm")})
+    unet = UniAnimateUNet(UniAnimateConfig(**SMALL), operations=ops, device="meta")
+    owners = [m for m in unet.modules() if any(True for _ in m.parameters(recurse=False))]
+    assert owners and all(any(m is o for o in made) for m in owners)
+
+
+def test_dtype_argument_reaches_every_layer(pair, zero_y):
+    """Built in float64 from the same weights: runs end to end in float64 and agrees with fp32."""
+    _, ours = pair
+    wide = UniAnimateUNet(UniAnimateConfig(**SMALL), dtype=torch.float64).eval()
+    wide.load_state_dict(ours.state_dict(), strict=True)
+    assert {p.dtype for p in wide.parameters()} == {torch.float64}
+    data = inputs(batch=1)
+    conditions = {OURS[n]: data[n] for n in ("image", "dwpose", "randomref", "local_image")}
+    with torch.no_grad():
+        got = wide(data["x"].double(), data["t"], zero_y=zero_y.double(), **{k: v.double() for k, v in conditions.items()})
+        expected = ours(data["x"], data["t"], zero_y=zero_y, **conditions)
+    assert got.dtype == torch.float64
+    assert relative_error(got.float(), expected) <= TOLERANCE
