@@ -20,8 +20,8 @@ inactive) with no state kept between calls:
   (required: the official model holds it as a constructor attribute).
 - `present`: optional {"pose" | "reference_latent" | "local_image" | "image_embed": bool [B]}.
   Sample i with present[name][i] False is computed exactly as if that condition were None for it,
-  while the other samples use the tensor (whose rows for sample i are ignored). This lets a
-  ComfyUI wrapper batch the conditional and unconditional passes.
+  while the other samples use the tensor (its rows for sample i are ignored, whatever they hold,
+  NaN included). This lets a ComfyUI wrapper batch the conditional and unconditional passes.
 - Returns v [B, 4, F, h, w] in x's dtype.
 
 A condition passed as None means what it means in the official code: pose, reference and local
@@ -136,7 +136,9 @@ class UniAnimateUNet(nn.Module):
             """Features with the samples whose condition is absent set to exactly zero."""
             if name not in masks:
                 return features
-            return features * masks[name].to(features.dtype).view(-1, *([1] * (features.ndim - 1)))
+            # where, not a product: an absent sample's rows may hold anything (even NaN)
+            keep = masks[name].view(-1, *([1] * (features.ndim - 1)))
+            return torch.where(keep, features, features.new_zeros(()))
 
         # 8 condition channels per frame: local image and driving poses, summed
         concat: Tensor | None = None

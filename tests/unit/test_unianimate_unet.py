@@ -113,12 +113,17 @@ def test_conditions_change_the_output(pair, zero_y):
 
 def test_per_sample_presence_equals_separate_official_passes(pair, zero_y):
     """ComfyUI batches cond and uncond: sample 0 with every condition, sample 1 with none (the
-    official uncond pass), sample 2 with the pose only; each equals its own official pass."""
+    official uncond pass), sample 2 with the pose only; each equals its own official pass, and
+    the rows of absent conditions (NaN here) are never read."""
     official, ours = pair
     data = inputs(batch=3, seed=11)
     present = {"pose": torch.tensor([True, False, True]), "reference_latent": torch.tensor([True, False, False]),
                "local_image": torch.tensor([True, False, False]), "image_embed": torch.tensor([True, False, False])}
     per_sample = [{"image", "dwpose", "randomref", "local_image"}, set(), {"dwpose"}]
+    for name in ("image", "dwpose", "randomref", "local_image"):  # absent rows are never read
+        for i, names in enumerate(per_sample):
+            if name not in names:
+                data[name][i] = float("nan")
     with torch.no_grad():
         got = ours(data["x"], data["t"], zero_y=zero_y, present=present,
                    **{OURS[n]: data[n] for n in ("image", "dwpose", "randomref", "local_image")})
