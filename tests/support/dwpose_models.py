@@ -52,7 +52,7 @@ def write_detector(path: Path) -> None:
     for stride in (8, 16, 32):
         weight = rng.normal(0, 3.0, (85, 3, 1, 1)).astype(np.float32)
         bias = rng.normal(0, 0.5, 85).astype(np.float32)
-        bias[4], bias[5] = -1.0, 0.5  # objectness and "person": a few dozen cells above 0.3
+        bias[4], bias[5] = -2.5, 0.5  # objectness and "person": some cells above 0.3, not hundreds
         bias[6:] -= 2.0
         inits += [_const(f"w{stride}", weight), _const(f"b{stride}", bias),
                   _const(f"shape{stride}", np.array([1, 85, (640 // stride) ** 2], dtype=np.int64))]
@@ -80,7 +80,7 @@ def write_pose_model(path: Path) -> None:
     points, height, width = 133, 384, 288
     weight = rng.normal(0, 0.1, (36, points * 4)).astype(np.float32)
     bias = np.tile(np.array([0.0, 0.0, 0.5, 0.5], np.float32), points).reshape(points, 4)
-    bias[[5, 6, 11, 12], 2:] = 2.0  # COCO shoulders and hips: seen, so that the alignment has its scale
+    bias[:17, 2:] = 3.0  # the COCO body: seen, so that the alignment has its scale and bones (feet, hands vary)
     bias = bias.reshape(-1)
     inits = [_const("w", weight), _const("b", bias),
              _const("shape", np.array([1, points, 4], dtype=np.int64)),
