@@ -75,7 +75,9 @@ def files(tmp_path_factory, comfyui_dir: Path) -> dict[str, Path]:
     return {**write_models(root, comfyui_dir / "comfy" / "sd1_tokenizer"), **write_data(root)}
 
 
-def launch(files: dict[str, Path], out: Path, import_root: Path, max_steps: int, *extra: str) -> float:
+def launch(files: dict[str, Path], out: Path, import_root: Path, max_steps: int, *extra: str,
+           refused: str | None = None) -> float:
+    """Run `train` in 2 processes; with `refused`, expect it to fail with that message."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                "-m", "id_animator.train", "train",
@@ -85,12 +87,16 @@ def launch(files: dict[str, Path], out: Path, import_root: Path, max_steps: int,
                "--adapter-config", str(files["adapter_config"]), "--out", str(out),
                "--batch-size", "1", "--max-steps", str(max_steps), "--save-every", "1", "--log-every", "1",
                "--export-every", "0", "--mixed-precision", "no", "--dataloader-workers", "0",
-               "--report-to", "none", "--lr", "1e-3", "--seed", "3", *extra]
+               "--report-to", "none", "--lr", "1e-3", "--seed", "3", "--init", "scratch",
+               "--lr-warmup-steps", "1", *extra]
     env = {**os.environ, "PYTHONPATH": str(import_root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "ACCELERATE_USE_CPU": "1"}
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - started
+    if refused is not None:
+        assert result.returncode != 0 and refused in result.stderr, result.stderr[-4000:]
+        return seconds
     assert result.returncode == 0, f"train failed ({result.returncode}):\n{result.stderr[-6000:]}"
     return seconds
 
@@ -129,3 +135,15 @@ def test_two_processes_agree_keep_frozen_weights_and_resume_exactly(files, tmp_p
     assert len(set(expected.values())) == 3
     resumed_replicas = json.loads((split / "replicas.json").read_text())
     assert resumed_replicas[0]["adapter"] == replicas[0]["adapter"]
+    # The warmup (constant with 1 warmup step = constant_with_warmup): step 1 ran at lr 0, so the
+    # adapter after it is still the initial one; the steps after ran at the full lr.
+    from id_animator.train.loop import build_adapter
+
+    initial = build_adapter(loaded.unet, loaded.image_encoder, init="scratch", seed=3, overrides=TINY_ADAPTER)
+    assert fingerprint(first) == fingerprint(initial.state_dict()), "step 1 trained: the warmup was ignored"
+    rows = [json.loads(line) for line in (whole / "loss.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows] == [1e-3, 1e-3, 1e-3]  # the lr after each step's update
+    assert json.loads((whole / "state" / "step-3" / "data_stream.json").read_text()) == {
+        "world_size": 2, "batch_size": 1, "gradient_accumulation_steps": 1, "seed": 3}
+    # A resume with another batch size would read other clips: refused, naming the change.
+    launch(files, split, import_root, 4, "--resume", "--batch-size", "2", refused="--batch-size 1 -> 2")
