@@ -192,13 +192,15 @@ def build_adapter(unet: torch.nn.Module, image_encoder: torch.nn.Module, *, init
 
 
 def build_training_set(latents: str | Path, pool: str | Path, captions: str | Path, *, seed: int,
-                       null_text_rate: float, null_image_rate: float) -> TrainingSet:
+                       null_text_rate: float, null_image_rate: float,
+                       reference_exclude_window: int | None = None) -> TrainingSet:
     from .captions import load_captions
     from .face_pool import load_pool
     from .latents import LatentCache
 
     return TrainingSet(LatentCache(latents), load_pool(pool), load_captions(captions), seed=seed,
-                       null_text_rate=null_text_rate, null_image_rate=null_image_rate)
+                       null_text_rate=null_text_rate, null_image_rate=null_image_rate,
+                       reference_exclude_window=reference_exclude_window)
 
 
 # --- Loss log --------------------------------------------------------------------------------------
@@ -348,7 +350,8 @@ def train(args: argparse.Namespace) -> int:
     adapter.to(accelerator.device, torch.float32)  # fp32 master weights; autocast computes in `dtype`
     adapter.install(frozen.unet)
     dataset = build_training_set(args.latents, args.pool, args.captions, seed=args.seed,
-                                 null_text_rate=args.null_text_rate, null_image_rate=args.null_image_rate)
+                                 null_text_rate=args.null_text_rate, null_image_rate=args.null_image_rate,
+                                 reference_exclude_window=args.reference_exclude_window)
     optimizer = make_optimizer(adapter, lr=args.lr, weight_decay=args.weight_decay)
     accum = args.gradient_accumulation_steps
     batches = StepBatches(len(dataset), args.batch_size, seed=args.seed, rank=accelerator.process_index,
@@ -514,6 +517,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="probability of the null text (empty prompt) per sample, for CFG (paper: 0.2)")
     data.add_argument("--null-image-rate", type=float, default=0.0,
                       help="probability of the null face (zero normalised image) per sample (paper: 0)")
+    data.add_argument("--reference-exclude-window", type=int, metavar="MARGIN",
+                      help="draw the reference only among pool faces outside the clip's span (first to last "
+                      "sampled frame) widened by MARGIN frames each side (default: off, the paper's draw from "
+                      "the whole pool, which may pick a face from inside the clip)")
     data.add_argument("--dataloader-workers", type=int, default=2, help="data loading processes per GPU")
     adapter = parser.add_argument_group("adapter")
     adapter.add_argument("--init", required=True, help="where the adapter starts (required): an IP-Adapter-Plus "

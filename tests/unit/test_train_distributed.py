@@ -32,7 +32,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 FRAMES, SIDE = 2, 8
-CLIPS = {"actor/a": [[0, 1], [10, 11]], "actor/b": [[0, 1], [20, 21]]}
+VIDEOS = {"actor/a": [0, 4, 8, 12], "actor/b": [0, 4, 8, 12, 16]}  # stored frames (stride 4): 2 + 2 items
 POOL = {"actor/a": [1, 5, 30], "actor/b": [3, 40]}
 
 
@@ -52,12 +52,11 @@ def write_models(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
 
 
 def write_data(root: Path) -> dict[str, Path]:
-    """LATENTS, POOL and CAPTIONS in the plan's formats (4 clips of 2 videos), crops of noise."""
-    clips = [(video_id, frames) for video_id, video_clips in CLIPS.items() for frames in video_clips]
-    latents = write_latent_cache(root / "latents", clips, gaussian_moments(1, std_scale=0.1), frames=FRAMES,
-                                 side=SIDE, checkpoint="sd15")
+    """LATENTS, POOL and CAPTIONS in the plan's formats (2 videos, 4 random windows an epoch), crops of noise."""
+    latents = write_latent_cache(root / "latents", list(VIDEOS.items()), gaussian_moments(1, std_scale=0.1),
+                                 frames=FRAMES, side=SIDE, checkpoint="sd15", stride=4)
     pool = write_pool(root / "pool", POOL, lambda _, frame: Image.effect_noise((224, 224), 40 + frame).convert("RGB"))
-    captions = write_captions(root / "captions.jsonl", {v: f"person {v[-1]} walks" for v in CLIPS})
+    captions = write_captions(root / "captions.jsonl", {v: f"person {v[-1]} walks" for v in VIDEOS})
     adapter_config = root / "adapter.json"
     adapter_config.write_text(json.dumps(TINY_ADAPTER))
     return {"latents": latents, "pool": pool, "captions": captions, "adapter_config": adapter_config}
