@@ -485,13 +485,57 @@ def save_state(accelerator: Any, out: Path, step: int, keep: int, stream: dict[s
         plot_loss(read_loss_log(out / "loss.jsonl"), out / "loss.png")
 
 
+def fp32_masters(accelerator: Any, adapter: torch.nn.Module) -> dict[str, Tensor] | None:
+    """Under DeepSpeed, the adapter's fp32 master weights by parameter name (None otherwise).
+
+    DeepSpeed runs the module in the compute dtype (bf16/fp16) and keeps the fp32 masters in the
+    optimizer's partitions (ZeRO-2 shards them across processes), so the module's own tensors are
+    rounded copies. `safe_get_full_fp32_param` gathers a parameter's master from every partition:
+    a collective, so every process calls it, for every parameter, in the same order. A parameter
+    the optimizer does not hold (frozen, e.g. the LoRA under --no-train-lora) has no master and
+    keeps the module's value."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, parameter in adapter.named_parameters():
+        master = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
+        masters[name] = (parameter if master is None else master).detach().to("cpu", torch.float32)
+    return masters
+
+
 def export(accelerator: Any, model: torch.nn.Module, out: Path, step: int) -> None:
-    """exports/step-<n>/animator.ckpt and animator.safetensors, verified by train/export.py."""
+    """exports/step-<n>/animator.ckpt and animator.safetensors, verified by train/export.py; the
+    fp32 master weights under DeepSpeed (`fp32_masters`), the module's fp32 tensors otherwise."""
     from .export import export_adapter
 
+    adapter = accelerator.unwrap_model(model)
+    masters = fp32_masters(accelerator, adapter)  # every process: a collective under DeepSpeed
     if accelerator.is_main_process:
-        export_adapter(accelerator.unwrap_model(model), out / "exports" / f"step-{step}")
+        if masters is None:
+            export_adapter(adapter, out / "exports" / f"step-{step}")
+        else:
+            export_adapter(adapter_with(adapter, masters), out / "exports" / f"step-{step}")
     accelerator.wait_for_everyone()
+
+
+def adapter_with(adapter: torch.nn.Module, tensors: dict[str, Tensor]) -> Any:
+    """The adapter's AdapterWeights with `tensors` (by parameter name) in place of its parameters,
+    leaving the module untouched: swap the tensors in, read the weights, swap them back."""
+    parameters = dict(adapter.named_parameters())
+    if set(parameters) != set(tensors):
+        raise TrainingError(f"The gathered weights name {len(tensors)} tensors, the adapter has {len(parameters)}.")
+    kept = {name: parameter.data for name, parameter in parameters.items()}
+    try:
+        for name, parameter in parameters.items():
+            parameter.data = tensors[name]
+        return adapter.to_weights()  # detached copies: nothing refers to the swapped tensors after
+    finally:
+        for name, parameter in parameters.items():
+            parameter.data = kept[name]
 
 
 # --- The command -----------------------------------------------------------------------------------

@@ -133,3 +133,37 @@ def test_replicas_compare_adapter_and_frozen_fingerprints(tmp_path: Path):
         loop.compare_replicas([same[0], {**same[1], "frozen": "g"}], tmp_path, expected_frozen="f")
     with pytest.raises(TrainingError, match="frozen models changed during training"):
         loop.compare_replicas(same, tmp_path, expected_frozen="e")
+
+
+def test_a_deepspeed_export_writes_the_fp32_masters_not_the_rounded_module(tmp_path: Path):
+    """DeepSpeed runs the module in bf16 and keeps fp32 masters in the optimizer: the export must
+    write the masters. `loop.adapter_with` (the export's path once `fp32_masters` has gathered
+    them) is checked on a bf16 module with known fp32 masters; without DeepSpeed no gathering."""
+    from id_animator.adapter.checkpoint import load_adapter_checkpoint, official_state_dict
+    from id_animator.train.export import export_adapter
+    from id_animator.train.model import AdapterConfig, ResamplerConfig, initial_adapter
+
+    config = AdapterConfig(widths={i: 32 for i in range(1, 32, 2)}, context_dim=32, rank=4,
+                           resampler=ResamplerConfig(dim=32, depth=1, dim_head=16, heads=2, num_queries=4,
+                                                     embedding_dim=48, output_dim=32))
+    adapter = initial_adapter(config, "scratch", seed=0)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-3)  # values bf16 cannot hold
+    masters = {name: p.detach().clone() for name, p in adapter.named_parameters()}
+    adapter.to(torch.bfloat16)  # what DeepSpeed's bf16 mode does to the module
+    assert any(not torch.equal(p.float(), masters[n]) for n, p in adapter.named_parameters())
+
+    class NotDeepSpeed:
+        distributed_type = "MULTI_GPU"
+
+    assert loop.fp32_masters(NotDeepSpeed(), adapter) is None
+    result = export_adapter(loop.adapter_with(adapter, masters), tmp_path)
+    written = official_state_dict(load_adapter_checkpoint(result.ckpt, expected=config.shapes), "flat")
+    expected = official_state_dict(loop.adapter_with(adapter, masters), "flat")
+    assert all(written[k].dtype == torch.float32 and torch.equal(written[k], expected[k]) for k in expected)
+    rounded = official_state_dict(adapter.to_weights(), "flat")
+    assert any(not torch.equal(written[k], rounded[k].float()) for k in written), "the export is bf16-rounded"
+    assert all(p.dtype == torch.bfloat16 for p in adapter.parameters()), "the module was left changed"
+    with pytest.raises(TrainingError, match="gathered weights name"):
+        loop.adapter_with(adapter, {})
