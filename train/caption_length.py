@@ -43,7 +43,7 @@ def open_tokenizer(folder: Path | None):
 
 
 def _count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, truncation=False).input_ids)
+    return len(tokenizer(text, truncation=False, verbose=False).input_ids)
 
 
 def measure(caption: str, tokenizer) -> Length:
@@ -87,9 +87,10 @@ def annotate(rows: list[dict], tokenizer, template: str | None) -> list[dict]:
     for row in rows:
         length = measure(row["caption"], tokenizer)
         row.update(tokens=length.tokens, truncated=length.truncated, lost=length.lost)
-        if template is not None and merge_caption(row.get("attribute"), row.get("action"), template) == row["caption"]:
-            row["cut"] = cut_parts(row["caption"], {"attribute": row.get("attribute"),
-                                                    "action": row.get("action")}, length) or None
+        if template is not None:
+            merged = merge_caption(row.get("attribute"), row.get("action"), template) == row["caption"]
+            row["cut"] = (cut_parts(row["caption"], {"attribute": row.get("attribute"),
+                                                     "action": row.get("action")}, length) or None) if merged else None
         if length.truncated:
             truncated.append(row)
     return truncated

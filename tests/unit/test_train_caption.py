@@ -212,3 +212,42 @@ def test_openai_compatible_endpoint(videos, tokenizer_dir, tmp_path) -> None:
         assert row["caption"].startswith("merged by gpt-3.5:") and row["tokens"] <= LIMIT
     merge_prompt = server.requests[6]["messages"][0]["content"]
     assert rows[0]["attribute"] in merge_prompt and rows[0]["action"] in merge_prompt
+
+
+# ----------------------------------------------------------------------------- length on the template path
+
+LONG_ATTRIBUTE = ("A young woman with long wavy auburn hair parted in the middle, fair skin with light freckles, "
+                  "bright green eyes under thin arched eyebrows, a small straight nose and full lips with pink "
+                  "lipstick, wearing small gold hoop earrings, a thin gold necklace with a round pendant, a cream "
+                  "knitted turtleneck sweater under a brown suede jacket with a wide collar and silver buttons")
+ACTION = "She turns her head to the left, smiles widely and then nods twice while speaking to the camera"
+
+
+def test_captions_template_states_which_part_was_cut(tokenizer_dir, tmp_path, capsys) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [{"id": "fits", "attribute": "a man with a beard", "action": "he talks"},
+            {"id": "long_attribute", "attribute": LONG_ATTRIBUTE, "action": ACTION},
+            {"id": "only_attribute_fits", "attribute": LONG_ATTRIBUTE + ", " + LONG_ATTRIBUTE, "action": ACTION},
+            {"id": "given", "caption": LONG_ATTRIBUTE + " " + ACTION}]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    out = tmp_path / "captions.jsonl"
+    assert cli.main(["captions", "--manifest", str(manifest), "--out", str(out),
+                     "--tokenizer", str(tokenizer_dir)]) == 0
+    result = {row["id"]: row for row in _rows(out)}
+    assert not result["fits"]["truncated"] and result["fits"]["cut"] is None
+    action_words = len(ACTION.split())
+    long = result["long_attribute"]
+    assert long["truncated"] and long["tokens"] > LIMIT
+    assert list(long["cut"]) == ["action"] and 0 < long["cut"]["action"] <= action_words
+    assert ACTION.endswith(long["lost"])
+    both = result["only_attribute_fits"]
+    assert both["cut"]["action"] == action_words and both["cut"]["attribute"] > 0  # the action is lost whole
+    assert result["given"]["truncated"] and result["given"]["cut"] is None  # a given caption has no parts
+    kept = long["caption"][: len(long["caption"]) - len(long["lost"])].strip()
+    assert measure(kept, caption.caption_length.open_tokenizer(tokenizer_dir)).tokens <= LIMIT
+    printed = capsys.readouterr().out
+    assert "3 of 4 captions are cut at CLIP's 77 tokens" in printed
+    assert "long_attribute: " in printed and "lost from the action (" in printed
+    listed = (tmp_path / "captions.truncated.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in listed] == ["long_attribute", "only_attribute_fits", "given"]
+    print("\n".join(f"{row['id']}: {row['tokens']} tokens, cut {row['cut']}" for row in result.values()))
