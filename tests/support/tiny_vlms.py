@@ -2,8 +2,8 @@
 
 The `caption` command loads models by path (local_files_only), so the tests save these folders to
 a tmp dir: LLaVA-1.5 (ShareGPT4V's architecture, `LlavaForConditionalGeneration`), Video-LLaVA
-(`VideoLlavaForConditionalGeneration`), Qwen2-VL (`Qwen2VLForConditionalGeneration`, image and
-video) and a causal LM for the merge (`LlamaForCausalLM`). Weights are random, so their text is
+(`VideoLlavaForConditionalGeneration`), Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
+`Qwen2_5_VLForConditionalGeneration`: image and video) and a causal LM for the merge (`LlamaForCausalLM`). Weights are random, so their text is
 random words; the tests check the plumbing, never the words. The tokenizer is a word-level one
 built here (no download): a few hundred words plus each model family's special tokens.
 """
@@ -119,6 +119,29 @@ def write_qwen2_vl(folder: Path, seed: int = 0) -> Path:
     pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56)
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
                                  video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tokenizer)
+    return _save(model, processor, folder)
+
+
+def write_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
+    """Qwen2.5-VL layout (windowed vision attention); it reuses Qwen2-VL's image and video processors."""
+    import torch
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    tokenizer = word_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(_text_config(tokenizer), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                              image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                              vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
+                                    video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tokenizer)
     return _save(model, processor, folder)
 
 

@@ -1,11 +1,12 @@
 """`caption` (paper §3.3.1) with tiny random models of the real transformers classes, loaded by path:
 LLaVA-1.5 (ShareGPT4V) for attributes, Video-LLaVA for actions, a causal LM for the merge; Qwen2-VL
-for both; a local OpenAI-compatible stub server for the endpoint path. The models' words are
+and Qwen2.5-VL for both; a local OpenAI-compatible stub server for the endpoint path. The models' words are
 random: the tests check which frames reach which model, batching, resume, shards, the stored
 settings, the caption lengths against CLIP's 77 tokens, and that `captions` reads the output."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"llava": tiny_vlms.write_llava(root / "llava-1.5"),
             "video_llava": tiny_vlms.write_video_llava(root / "video-llava"),
             "qwen2_vl": tiny_vlms.write_qwen2_vl(root / "qwen2-vl"),
+            "qwen2_5_vl": tiny_vlms.write_qwen2_5_vl(root / "qwen2.5-vl"),
             "lm": tiny_vlms.write_causal_lm(root / "merge-lm")}
 
 
@@ -96,11 +98,24 @@ def test_frame_plan_spreads_action_frames_and_takes_the_middle_frame() -> None:
     assert caption.frame_plan(9, 0.0, 4)[0] == 0 and caption.frame_plan(9, 1.0, 4)[0] == 8
 
 
-def test_paper_models_frames_batches_settings_and_captions_feed(models, videos, tokenizer_dir, tmp_path,
-                                                                monkeypatch, capsys) -> None:
-    recorder = Recorder(monkeypatch)
-    out = tmp_path / "captions.jsonl"
-    assert _caption(videos, out, *_paper_args(models, tokenizer_dir)) == 0
+@pytest.fixture(scope="module")
+def paper_run(models, videos, tokenizer_dir, tmp_path_factory) -> tuple[Path, "Recorder", str]:
+    """One run of the paper's three models (LLaVA-1.5, Video-LLaVA, a causal LM), batches of 2:
+    (its output, what each model was given, what it printed)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("paper") / "captions.jsonl"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        recorder = Recorder(patch)
+        assert _caption(videos, out, *_paper_args(models, tokenizer_dir)) == 0
+    return out, recorder, printed.getvalue()
+
+
+def test_paper_models_frames_batches_settings_and_captions_feed(paper_run, models, tokenizer_dir,
+                                                                tmp_path) -> None:
+    out, recorder, printed = paper_run
     rows = _rows(out)
     assert [row["id"] for row in rows] == ["a", "b", "c"]
     assert recorder.opened == ["llava-1.5", "video-llava", "merge-lm"]
@@ -127,7 +142,6 @@ def test_paper_models_frames_batches_settings_and_captions_feed(models, videos, 
     for row in captioned:
         assert row["tokens"] == measure(row["caption"], caption.caption_length.open_tokenizer(tokenizer_dir)).tokens
         assert row["truncated"] == (row["tokens"] > LIMIT) and "cut" not in row
-    printed = capsys.readouterr().out
     assert "caption length:" in printed and f"{len(rows)} videos (0 resumed)" in printed
     # the output feeds `captions` and training's captions file reader
     merged = tmp_path / "merged.jsonl"
@@ -137,10 +151,11 @@ def test_paper_models_frames_batches_settings_and_captions_feed(models, videos, 
     assert {k: v for k, v in load_captions(out).items() if v} == load_captions(merged)
 
 
-def test_resume_after_an_interruption_and_refuse_other_settings(models, videos, tokenizer_dir, tmp_path,
-                                                                monkeypatch, capsys) -> None:
+def test_resume_after_an_interruption_and_refuse_other_settings(paper_run, models, videos, tokenizer_dir,
+                                                                tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "captions.jsonl"
-    assert _caption(videos, out, *_paper_args(models, tokenizer_dir)) == 0
+    for suffix in ("", ".settings.json"):
+        shutil.copy(str(paper_run[0]) + suffix, str(out) + suffix)
     full = _rows(out)
     lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
     out.write_text(lines[0] + lines[1][: len(lines[1]) // 2], encoding="utf-8")  # killed while writing b
@@ -160,7 +175,7 @@ def test_shards_split_the_videos(models, videos, tokenizer_dir, tmp_path) -> Non
     ids = []
     for shard in ("0/2", "1/2"):
         out = tmp_path / f"captions.{shard[0]}.jsonl"
-        assert _caption(videos, out, "--attribute-model", models["qwen2_vl"], "--shard", shard,
+        assert _caption(videos, out, "--attribute-model", models["qwen2_5_vl"], "--shard", shard,
                         "--tokenizer", tokenizer_dir) == 0
         ids.append([row["id"] for row in _rows(out)])
     assert ids == [["a", "c"], ["b"]]
