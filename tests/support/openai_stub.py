@@ -1,7 +1,8 @@
 """A local OpenAI-compatible chat completions server for the endpoint path of `caption`.
 
 It listens on 127.0.0.1 (a free port), answers `POST /v1/chat/completions` with a caption that
-says what it was sent (how many images, the first words of the prompt), records every request,
+says what it was sent (how many images, the first words of the prompt; ten times over for a
+model whose name starts with "verbose"), records every request,
 and is bounded: it stops itself after `max_requests` requests or `lifetime` seconds, whichever
 comes first, so a failing test never leaves it running.
 """
@@ -36,6 +37,8 @@ class StubServer:
                     images = sum(part["type"] == "image_url" for part in content)
                     prompt = next(part["text"] for part in content if part["type"] == "text")
                     text = f"{body['model']} saw {images} images for " + " ".join(prompt.split()[:3])
+                    if body["model"].startswith("verbose"):  # a detailed captioner: ~90 words
+                        text = ", ".join([text] * 10)
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

@@ -266,3 +266,19 @@ def test_captions_template_states_which_part_was_cut(tokenizer_dir, tmp_path, ca
     listed = (tmp_path / "captions.truncated.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in listed] == ["long_attribute", "only_attribute_fits", "given"]
     print("\n".join(f"{row['id']}: {row['tokens']} tokens, cut {row['cut']}" for row in result.values()))
+
+
+def test_caption_template_merge_of_a_verbose_captioner_states_the_cut(videos, tokenizer_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "captions.jsonl"
+    with StubServer(max_requests=10, lifetime=120) as server:
+        assert _caption(videos, out, "--attribute-model", "verbose-sharegpt4v", "--attribute-endpoint", server.url,
+                        "--action-model", "video-llava", "--action-endpoint", server.url,
+                        "--tokenizer", tokenizer_dir) == 0
+    rows = _rows(out)
+    assert all(row["truncated"] and row["tokens"] > LIMIT for row in rows)
+    assert all(row["cut"]["action"] == len(row["action"].split()) for row in rows)  # the action is lost whole
+    assert all("attribute" in row["cut"] for row in rows)  # and the end of the 100-word attribute
+    printed = capsys.readouterr().out
+    assert f"3 of 3 captions are cut at CLIP's {LIMIT} tokens" in printed and "lost from the attribute (" in printed
+    print(f"verbose attribute, template merge: {len(rows)} of {len(rows)} cut, e.g. {rows[0]['tokens']} tokens, "
+          f"cut {rows[0]['cut']}")
