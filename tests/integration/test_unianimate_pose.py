@@ -6,6 +6,7 @@ The DWPose files are the random-weight stand-ins of support.dwpose_models (offic
 linked into models/dwpose/ for this module only."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,9 @@ def test_schema(comfy):
     assert all(spec[1].get("tooltip") for spec in required.values())
     loader = comfy.nodes.NODE_CLASS_MAPPINGS["LoadDWPose"].GET_NODE_INFO_V1()
     assert loader["output"] == ["DWPOSE_ONNX"] and info["category"] == loader["category"] == "id_animator/unianimate"
+    for name in ("LoadDWPose", "UniAnimatePose"):  # execute mirrors the schema, input for input
+        node = comfy.nodes.NODE_CLASS_MAPPINGS[name]
+        assert list(inspect.signature(node.execute).parameters) == list(node.GET_NODE_INFO_V1()["input"]["required"])
 
 
 def test_graph_equals_the_pose_package(comfy, comfy_base, dwpose_bed):
