@@ -8,9 +8,12 @@ from .apply_face_adapter import ApplyFaceAdapter
 from .face_encode import FaceEncode
 from .face_similarity import FaceSimilarity
 from .id_mix import IDMix
+from .load_dwpose import LoadDWPose
 from .load_id_animator import LoadIDAnimator
+from .unianimate_pose import UniAnimatePose
 
-NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, FaceSimilarity]
+NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, FaceSimilarity,
+                                   LoadDWPose, UniAnimatePose]
 
 
 class IDAnimatorExtension(ComfyExtension):

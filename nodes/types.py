@@ -6,6 +6,8 @@
 - `FACE_EMBEDS` carries an `adapter.identity.FaceEmbeds`: 16 face tokens per identity, the
   unconditional tokens, how identities blend across the frames of the video, and the adapter
   that made them.
+- `DWPOSE_ONNX` carries a `unianimate.pose.dwpose.DWPoseModel`: the YOLOX person detector and
+  the DWPose whole-body keypoint model, two onnxruntime sessions checked on load.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..adapter.identity import AdapterSource
 
 ID_ANIMATOR = io.Custom("ID_ANIMATOR")
 FACE_EMBEDS = io.Custom("FACE_EMBEDS")
+DWPOSE_ONNX = io.Custom("DWPOSE_ONNX")
 
 
 @dataclass(frozen=True)

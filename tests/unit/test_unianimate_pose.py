@@ -243,4 +243,6 @@ def test_no_person_in_reference_or_first_frame(model):
     result = video.pose_video(model, someone, [someone, flat, someone], align="none")
     assert result.empty_frames == [1] and not result.frame_canvases[1].any() and result.frame_canvases[2].any()
     assert any("1 of 3 driving frames" in w for w in result.warnings)
+    sliver = video.pose_video(model, someone, [someone, np.zeros((1, 2000, 3), np.uint8)], align="none")
+    assert sliver.empty_frames == [1]  # letterboxed to 0 rows: no person, not a cv2 error
 

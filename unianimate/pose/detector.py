@@ -32,11 +32,15 @@ def anchor_count(size: tuple[int, int] = DETECT_SIZE) -> int:
     return sum((size[0] // s) * (size[1] // s) for s in STRIDES)
 
 
+def letterbox_size(height: int, width: int, size: tuple[int, int] = DETECT_SIZE) -> tuple[float, int, int]:
+    """The resize ratio r and the resized (w, h) inside the letterbox (truncated, as the official)."""
+    ratio = min(size[0] / height, size[1] / width)
+    return ratio, int(width * ratio), int(height * ratio)
+
+
 def letterbox(image_bgr: np.ndarray, size: tuple[int, int] = DETECT_SIZE) -> tuple[np.ndarray, float]:
     """HxWx3 uint8 -> (1,3,h,w) float32 network input and the resize ratio r."""
-    height, width = image_bgr.shape[:2]
-    ratio = min(size[0] / height, size[1] / width)
-    new_w, new_h = int(width * ratio), int(height * ratio)
+    ratio, new_w, new_h = letterbox_size(*image_bgr.shape[:2], size)
     canvas = np.full((size[0], size[1], 3), PAD_VALUE, dtype=np.uint8)
     canvas[:new_h, :new_w] = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     chw = np.ascontiguousarray(canvas.transpose(2, 0, 1), dtype=np.float32)
@@ -102,6 +106,8 @@ def person_boxes(raw: np.ndarray, ratio: float, size: tuple[int, int] = DETECT_S
 
 def detect_people(session, image_bgr: np.ndarray) -> np.ndarray:
     """Run the detector session on one BGR uint8 image -> person boxes (K,4) float64, best first."""
+    if min(letterbox_size(*image_bgr.shape[:2])[1:]) < 1:
+        return np.zeros((0, 4))  # a sliver (e.g. 1 x 2000 px) letterboxes to nothing: no person
     batch, ratio = letterbox(image_bgr)
     raw = session.run(None, {session.get_inputs()[0].name: batch})[0]
     if raw.ndim != 3 or raw.shape[0] != 1 or raw.shape[2] != ROW_WIDTH:
