@@ -167,3 +167,22 @@ def test_a_deepspeed_export_writes_the_fp32_masters_not_the_rounded_module(tmp_p
     assert all(p.dtype == torch.bfloat16 for p in adapter.parameters()), "the module was left changed"
     with pytest.raises(TrainingError, match="gathered weights name"):
         loop.adapter_with(adapter, {})
+
+
+def test_the_reference_exclusion_reaches_the_training_set(tmp_path: Path):
+    """--reference-exclude-window MARGIN is parsed and handed to the training set; off by default."""
+    from PIL import Image
+
+    from support.train_data import gaussian_moments, write_captions, write_latent_cache, write_pool
+
+    latents = write_latent_cache(tmp_path / "latents", [("v", list(range(0, 80, 4)))], gaussian_moments(0),
+                                 frames=16, side=1, checkpoint="t", stride=4)
+    pool = write_pool(tmp_path / "pool", {"v": [79]}, lambda _, frame: Image.new("RGB", (224, 224)))
+    captions = write_captions(tmp_path / "c.jsonl", {"v": "a"})
+    args = _parser().parse_args([*REQUIRED, "--init", "scratch", "--reference-exclude-window", "8"])
+    assert args.reference_exclude_window == 8 and _args().reference_exclude_window is None
+    # windows at frames 0-60, 4-64, ..., 16-76 of 80; face 79 lies outside the first three ± 8
+    for margin, starts in ((None, (0, 1, 2, 3, 4)), (8, (0, 1, 2))):
+        dataset = loop.build_training_set(latents, pool, captions, seed=0, null_text_rate=0.2, null_image_rate=0.0,
+                                          reference_exclude_window=margin)
+        assert dataset.exclude_margin == margin and dataset.sources[0].starts == starts
