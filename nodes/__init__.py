@@ -8,9 +8,11 @@ from .apply_face_adapter import ApplyFaceAdapter
 from .face_encode import FaceEncode
 from .face_similarity import FaceSimilarity
 from .id_mix import IDMix
+from .load_face_scorer import LoadFaceScorer
 from .load_id_animator import LoadIDAnimator
 
-NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, FaceSimilarity]
+NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, LoadFaceScorer,
+                                   FaceSimilarity]
 
 
 class IDAnimatorExtension(ComfyExtension):

@@ -3,6 +3,8 @@
 - `ID_ANIMATOR` carries an `IDAnimator`: the validated adapter weights and which adapter they are
   (file name + fingerprint), the Resampler (wrapped in a ModelPatcher so ComfyUI's memory
   management moves it), the CLIP ViT-H/14 vision tower and the face detector.
+- `FACE_SCORER` carries a `FaceScorer`: an insightface pack's recognition model and a face
+  detector (that pack's own, or the one a LoadIDAnimator already holds), for FaceSimilarity.
 - `FACE_EMBEDS` carries an `adapter.identity.FaceEmbeds`: 16 face tokens per identity, the
   unconditional tokens, how identities blend across the frames of the video, and the adapter
   that made them.
@@ -16,10 +18,12 @@ from comfy_api.latest import io
 
 from ..adapter.checkpoint import AdapterWeights
 from ..adapter.face_detection import FaceDetector
+from ..adapter.face_recognition import FaceRecognizer
 from ..adapter.identity import AdapterSource
 
 ID_ANIMATOR = io.Custom("ID_ANIMATOR")
 FACE_EMBEDS = io.Custom("FACE_EMBEDS")
+FACE_SCORER = io.Custom("FACE_SCORER")
 
 
 @dataclass(frozen=True)
@@ -36,3 +40,10 @@ class IDAnimator:
     def __post_init__(self) -> None:
         if self.source is None:
             object.__setattr__(self, "source", AdapterSource.of(self.weights, self.adapter_name))
+
+
+@dataclass(frozen=True)
+class FaceScorer:
+    pack: str  # the insightface pack of the recognition model (scores of two packs do not compare)
+    recognizer: FaceRecognizer
+    detector: FaceDetector
