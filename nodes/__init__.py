@@ -9,11 +9,12 @@ from .face_encode import FaceEncode
 from .face_similarity import FaceSimilarity
 from .id_mix import IDMix
 from .load_dwpose import LoadDWPose
+from .load_face_scorer import LoadFaceScorer
 from .load_id_animator import LoadIDAnimator
 from .unianimate_pose import UniAnimatePose
 
-NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, FaceSimilarity,
-                                   LoadDWPose, UniAnimatePose]
+NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, LoadFaceScorer,
+                                   FaceSimilarity, LoadDWPose, UniAnimatePose]
 
 
 class IDAnimatorExtension(ComfyExtension):
