@@ -370,10 +370,8 @@ class _ShardWriter:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .sd15 import SD15_VAE_CONFIG, load_vae
-    from .video import find_videos, frame_count
+    from .video import find_videos
 
     _validate(args)
     videos = find_videos(args.videos)
@@ -381,6 +379,18 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args, SD15_VAE_CONFIG["scaling_factor"])
     _start_folder(root, settings)  # before the model loads: a settings clash is told at once
     vae = load_vae(args.checkpoint, dtype=DTYPES[args.dtype], device=args.device)
+    encode_videos(vae, videos, root, args)
+    _report(root, videos)
+    return 0
+
+
+def encode_videos(vae: Any, videos: Sequence[Any], root: Path, args: argparse.Namespace) -> None:
+    """Encode the videos not yet finished in `root` (a folder `_start_folder` prepared) with `vae`:
+    every `args.stride`-th frame, `args.batch_size` frames per VAE pass, committed per shard."""
+    from tqdm import tqdm
+
+    from .video import frame_count
+
     finished = _finished_videos(root)
     todo = [v for v in videos if v.id not in finished or finished[v.id].get("retry")]
     log.info("%d videos, %d already done, %d to encode", len(videos), len(videos) - len(todo), len(todo))
@@ -409,8 +419,6 @@ def run(args: argparse.Namespace) -> int:
         encoded += len(frames)
         bar.set_postfix(frames=encoded, s_per_frame=f"{(time.monotonic() - started) / encoded:.3f}")
     writer.flush()
-    _report(root, videos)
-    return 0
 
 
 def _report(root: Path, videos: Sequence[Any]) -> None:

@@ -192,3 +192,37 @@ def test_cli_no_videos_and_a_wrong_checkpoint(import_root: Path, tmp_path: Path)
     result = _cli(import_root, str(tmp_path / "videos"), "--checkpoint", str(tmp_path / "x.safetensors"),
                   "--out", str(tmp_path / "out"))
     assert result.returncode == 1 and "Cannot read" in result.stderr and "x.safetensors" in result.stderr, result.stderr
+
+
+def test_the_command_loop_encodes_every_stride_th_frame_once(tiny_vae, tmp_path: Path):
+    """`encode_videos` (the command after loading the VAE) on indexed videos with the tiny VAE:
+    one row per video listing every 3rd frame, its stored posterior equal to the VAE on those
+    frames (one fp16 rounding), a too-short video skipped, a rerun encoding nothing."""
+    import argparse
+
+    from id_animator.train.video import find_videos, read_frames
+
+    folder = tmp_path / "videos"
+    write_video(folder / "a.mp4", indexed_frames(20, size=(32, 160), seed=1))
+    write_video(folder / "short.mp4", indexed_frames(5, size=(32, 32), seed=2))
+    args = argparse.Namespace(frames=3, stride=3, size=32, batch_size=4, shard_size=64)
+    root = tmp_path / "cache"
+    _start_folder(root, {**SETTINGS, "frames": 3, "stride": 3, "size": 32})
+    videos = find_videos([folder])
+    latents.encode_videos(tiny_vae, videos, root, args)
+    cache = LatentCache(root)
+    (video,) = cache.videos
+    assert video.video_id == "a" and video.frames == tuple(range(0, 20, 3)) == tuple(stored_frames(20, 3))
+    decoded = [frame for _, frame in read_frames(folder / "a.mp4", video.frames)]
+    assert [read_index(frame) for frame in decoded] == list(video.frames)
+    pixels = np.stack([centre_crop_resize(frame, 32) for frame in decoded])
+    with torch.no_grad():
+        posterior = tiny_vae.encode(to_pixels(pixels)).latent_dist
+    mean, std = cache.load(video)
+    assert torch.equal(mean, posterior.mean.half().float()) or rel_err(mean, posterior.mean) <= 1e-3
+    assert rel_err(std, posterior.std) <= 1e-3
+    rows = {json.loads(line)["id"]: json.loads(line) for line in (root / "videos.jsonl").read_text().splitlines()}
+    assert rows["short"]["skipped"].startswith("too short: 5 frames") and rows["a"]["stored"] == 7
+    before = (root / "index.jsonl").read_text()
+    latents.encode_videos(tiny_vae, videos, root, args)  # everything finished: nothing encoded again
+    assert (root / "index.jsonl").read_text() == before
