@@ -44,7 +44,7 @@ def _make_importable() -> Path:
     if package.is_symlink():
         package.unlink()
     package.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter", "train"):
+    for name in ("adapter", "train", "unianimate"):
         link = package / name
         if not (link.is_symlink() and link.resolve() == REPO / name):
             tmp = package / f".{name}.{os.getpid()}"
