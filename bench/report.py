@@ -282,6 +282,29 @@ def training_section(step: dict | None, data: dict | None, pool: dict | None, su
     return "\n\n".join(parts)
 
 
+def unianimate_section(data: dict, summary: list) -> str:
+    """Issue 21: one UniAnimate UNet evaluation, ours vs the official code, same weights and size."""
+    c, off, ours = data["config"], data["rounds"]["stats"]["official"], data["rounds"]["stats"]["ours"]
+    mem = data["memory"]
+    what = (f"UniAnimate UNet, one evaluation, width {c['dim']}, batch {c['batch']} x {c['frames']} frames, "
+            f"{c['size']}x{c['size']}: ours vs official")
+    contended = "yes" if max(data["rounds"]["load_average_1min"]) > data["machine"]["cores"] else "no"
+    summary.append([f"{what}, CPU time", ratio(data["time_ratio"]), rounds_verdict(data["time_ratio"], 1.0), contended])
+    summary.append([f"{what}, evaluation memory", f"{data['memory_ratio']:.3f}x "
+                    f"({mem['official']['evaluation_mib']:.0f} -> {mem['ours']['evaluation_mib']:.0f} MiB)",
+                    verdict(data["memory_ratio"], 1.0), "-"])
+    rows = [[name, f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})",
+             f"{mem[name]['evaluation_mib']:.0f}", f"{mem[name]['peak_mib']:.0f}"] for name, s in
+            (("official", off), ("ours", ours))]
+    return (f"### 7. UniAnimate UNet vs the official code\n\n{header(data)}\n\n"
+            f"Same random weights, inputs and size; every condition given; outputs agree to "
+            f"{data['relative_error']:.1e} relative. Memory: one evaluation in a fresh subprocess per model, "
+            "the high-water mark above the resident size after building the model and inputs.\n\n"
+            + table(["model", "CPU s median (min-max)", "evaluation MiB", "process peak MiB"], rows)
+            + f"\n\nours / official, per round: {ratio(data['time_ratio'])}; load 1 min "
+              f"{loads(data['rounds']['load_average_1min'])}.")
+
+
 def render() -> str:
     summary: list[list[Any]] = []
     sections = []
@@ -301,6 +324,8 @@ def render() -> str:
                     "memory below is counted, not measured). On a machine with CUDA: `bench/run_all --device cuda`."))
     if any(read(name) is not None for name in ("train_step", "train_data", "face_pool")):
         sections.append(training_section(read("train_step"), read("train_data"), read("face_pool"), summary))
+    if (data := read("unianimate_unet")) is not None:
+        sections.append(unianimate_section(data, summary))
     head = ("## Results\n\n### Summary\n\n"
             + table(["what", "measured (median, min-max)", "goal", "machine contended"], summary))
     return "\n\n".join([BEGIN, head, *sections, END])

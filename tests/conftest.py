@@ -35,7 +35,7 @@ CACHE = PATHS["cache"]
 
 
 def _make_importable() -> Path:
-    """Expose `adapter/` and `train/` as `id_animator.adapter` and `id_animator.train`: a namespace
+    """Expose `adapter/`, `train/` and `unianimate/` as `id_animator.<name>`: a namespace
     package holding only the parts that never import ComfyUI (the pack's own __init__ imports
     ComfyUI, which unit tests must not need). One folder per checkout: two clones sharing the
     cache each import their own code."""

@@ -1,0 +1,123 @@
+"""The UniAnimate UNet file (`unianimate_16f_32f_non_ema_223000.pth`): its key/shape schema and a
+strict check that names what is missing, unexpected or mis-shaped, and what the file probably is.
+
+The schema is derived from the config (the module built on the meta device), never listed by
+hand. The official file is a pickle saved with `torch.save`; the official loader takes the dict
+under a `state_dict` key when there is one, then loads strictly (so no `module.` prefix). Reading
+goes through `read_weights` only (the pack's safe reader: safetensors, or
+`torch.load(weights_only=True)` on the opened file; code-carrying pickles are refused unrun).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapter.checkpoint import read_state_dict
+from .config import OFFICIAL, UniAnimateConfig
+from .errors import CheckpointError
+
+EXPECTED_FILE = ("the UniAnimate UNet, unianimate_16f_32f_non_ema_223000.pth from ModelScope iic/unianimate "
+                 "(or a .safetensors conversion of it), in models/unianimate/")
+WRAPPER_KEYS = ("state_dict",)  # official E `worker`: the dict under 'state_dict' when present
+
+
+def read_weights(path: str | Path) -> dict[str, Any]:
+    """The raw dict of a weights file, read safely: the one place this package reads files."""
+    return read_state_dict(path)
+
+
+@functools.lru_cache(maxsize=4)
+def expected_shapes(config: UniAnimateConfig = OFFICIAL) -> dict[str, tuple[int, ...]]:
+    """key -> shape of every tensor of the UNet for `config` (1544 for the official one)."""
+    from .unet import UniAnimateUNet
+
+    unet = UniAnimateUNet(config, device="meta")
+    return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+
+
+def unwrap(state: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """(tensors, where they were): the `state_dict` wrapper and a whole-file `module.` prefix
+    (a DataParallel save) are taken off."""
+    where = "top level"
+    for key in WRAPPER_KEYS:
+        inner = state.get(key)
+        if isinstance(inner, Mapping):
+            state, where = inner, f"under {key!r}"
+    keys = [k for k in state if isinstance(k, str)]
+    if keys and all(k.startswith("module.") for k in keys):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        where += " (prefix 'module.' removed)"
+    return state, where
+
+
+def _listed(items: list[str], cap: int = 5) -> str:
+    shown = ", ".join(items[:cap])
+    return shown + (f" and {len(items) - cap} more" if len(items) > cap else "")
+
+
+def _identify(keys: set[str], shapes: dict[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> str:
+    """What a file that is not the UniAnimate UNet probably is, from its keys and shapes."""
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        width = shapes.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", (0, 0))[-1]
+        family = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x (e.g. v2-1_512-ema-pruned.ckpt)",
+                  2048: "SDXL"}.get(width, "Stable Diffusion")
+        return (f"a full {family} checkpoint (UNet, VAE and text encoder); UniAnimate uses only the VAE and "
+                "text encoder of SD2.1, which load in ComfyUI's own loaders, not here")
+    if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
+        return "a diffusers-format UNet, not the original UniAnimate layout"
+    if any(k.startswith(("visual.", "vision_model.", "transformer.resblocks")) for k in keys):
+        return "a CLIP model (e.g. open_clip_pytorch_model.bin); it goes in models/clip_vision/"
+    if any(k.startswith(("backbone.", "head.")) for k in keys) and not keys & set(expected):
+        return "a detector or pose model, not a UNet"
+    ours = keys & set(expected)
+    if not ours:
+        return "not a UniAnimate UNet (none of its keys match)"
+    if not any("temopral_conv" in k for k in keys) and any(k.startswith("input_blocks.") for k in keys):
+        return ("an image UNet without UniAnimate's temporal and pose layers (an SD2.1-style UNet); "
+                "UniAnimate needs its own UNet file")
+    if ours == keys and len(ours) < len(expected):
+        return (f"an incomplete UniAnimate UNet ({len(ours)} of {len(expected)} tensors): a truncated "
+                "or partial download, or a file saved from part of the model")
+    return "a model of the UniAnimate family with a different layout (another release, e.g. Animate-X, or another size)"
+
+
+def check_state_dict(state: Mapping[str, Any], source: str = "<state dict>",
+                     config: UniAnimateConfig = OFFICIAL) -> dict[str, torch.Tensor]:
+    """The UNet's tensors from a loaded file, after a strict key/shape check; a CheckpointError
+    names the missing, unexpected and mis-shaped keys and what the file probably is."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source}: holds a {type(state).__name__}, not a dict of tensors. Expected {EXPECTED_FILE}.")
+    tensors, where = unwrap(state)
+    expected = expected_shapes(config)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    keys = {k for k in tensors if isinstance(k, str)}
+    not_tensors = sorted(k for k in keys if k in expected and k not in shapes)
+    missing = sorted(set(expected) - keys)
+    unexpected = sorted(keys - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(shapes) if shapes[k] != expected[k])
+    not_float = sorted(k for k in set(expected) & set(shapes) if not tensors[k].is_floating_point())
+    if not (missing or unexpected or misshaped or not_tensors or not_float):
+        return {k: tensors[k] for k in expected}
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of {len(expected)} UNet tensors missing ({_listed(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_listed(unexpected)})")
+    if misshaped:
+        problems.append("wrong shapes: " + _listed([f"{k} is {list(shapes[k])}, expected {list(expected[k])}"
+                                                    for k in misshaped], cap=3))
+    if not_tensors:
+        problems.append(f"not tensors: {_listed(not_tensors)}")
+    if not_float:
+        problems.append(f"not floating point: {_listed(not_float)}")
+    raise CheckpointError(f"{source}: not the UniAnimate UNet: it looks like {_identify(keys, shapes, expected)}. "
+                          f"Found {len(keys)} keys at the {where}: {'; '.join(problems)}. Expected {EXPECTED_FILE}.")
+
+
+def load_unianimate_checkpoint(path: str | Path, config: UniAnimateConfig = OFFICIAL) -> dict[str, torch.Tensor]:
+    """The checked UNet tensors of a .pth/.safetensors file (CPU, dtype as stored)."""
+    return check_state_dict(read_weights(path), str(path), config)
