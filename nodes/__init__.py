@@ -9,8 +9,14 @@ from .face_encode import FaceEncode
 from .face_similarity import FaceSimilarity
 from .id_mix import IDMix
 from .load_id_animator import LoadIDAnimator
+from .load_unianimate import LoadUniAnimate
+from .unianimate_conditioning import UniAnimateConditioning
+from .unianimate_frames import UniAnimateLatentFrames
+from .unianimate_windows import UniAnimateContextWindows
 
-NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, FaceSimilarity]
+NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, FaceSimilarity,
+                                   LoadUniAnimate, UniAnimateConditioning, UniAnimateLatentFrames,
+                                   UniAnimateContextWindows]
 
 
 class IDAnimatorExtension(ComfyExtension):

@@ -1,4 +1,5 @@
-"""Model folders: `models/id_animator/` (registered, remappable in extra_model_paths.yaml) and
+"""Model folders: `models/id_animator/` and `models/unianimate/` (registered, remappable in
+extra_model_paths.yaml) and
 insightface packs under `models/insightface/models/<pack>/`, where IPAdapter_plus users keep them."""
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import folder_paths
 ADAPTER_FOLDER = "id_animator"
 INSIGHTFACE_FOLDER = "insightface"
 ADAPTER_EXTENSIONS = {".ckpt", ".pt", ".pth", ".bin", ".safetensors"}
+UNIANIMATE_FOLDER = "unianimate"  # the UniAnimate UNet (models/unianimate/)
 
 
 def register() -> None:
     """Idempotent: adds our folder names with their default paths and accepted extensions."""
-    for name, exts in ((ADAPTER_FOLDER, ADAPTER_EXTENSIONS), (INSIGHTFACE_FOLDER, set())):
+    for name, exts in ((ADAPTER_FOLDER, ADAPTER_EXTENSIONS), (INSIGHTFACE_FOLDER, set()),
+                       (UNIANIMATE_FOLDER, ADAPTER_EXTENSIONS)):
         default = os.path.join(folder_paths.models_dir, name)
         if name not in folder_paths.folder_names_and_paths:
             folder_paths.add_model_folder_path(name, default, is_default=True)
@@ -25,6 +28,10 @@ def register() -> None:
 
 def adapter_files() -> list[str]:
     return folder_paths.get_filename_list(ADAPTER_FOLDER)
+
+
+def unianimate_files() -> list[str]:
+    return folder_paths.get_filename_list(UNIANIMATE_FOLDER)
 
 
 def insightface_roots() -> list[str]:
