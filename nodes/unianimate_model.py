@@ -31,6 +31,7 @@ import comfy.supported_models_base
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..unianimate.config import UniAnimateConfig
+from ..unianimate.errors import UniAnimateInputError
 from ..unianimate.unet import UniAnimateUNet
 
 # keys of the CONDITIONING dict (pack-prefixed: other packs' keys must not collide) ...
@@ -89,6 +90,7 @@ class UniAnimateModel(comfy.model_base.BaseModel):
                          unet_model=ComfyUniAnimateUNet)
 
     def extra_conds(self, **kwargs) -> dict:
+        _check_pose_matches_latent(kwargs.get(POSE_COND), kwargs.get("noise"))
         out = super().extra_conds(**kwargs)  # c_crossattn = zero_y
         for cond_key, kwarg in MODEL_KWARGS.items():
             value = kwargs.get(cond_key)
@@ -106,6 +108,18 @@ class UniAnimateModel(comfy.model_base.BaseModel):
         if cond_key == "local_image":
             return cond_value._copy_with(cond_value.cond[:, :, _window_frames(window)].to(device))
         return None
+
+
+def _check_pose_matches_latent(pose: torch.Tensor | None, noise: torch.Tensor | None) -> None:
+    """Before sampling starts: the conditioning and the LATENT must describe the same video."""
+    if pose is None or noise is None or noise.ndim != 5:
+        return
+    frames, height, width = noise.shape[2], noise.shape[3] * 8, noise.shape[4] * 8
+    if pose.shape[2] != frames + 1 or tuple(pose.shape[3:]) != (height, width):
+        raise UniAnimateInputError(
+            f"UniAnimate: the conditioning holds {pose.shape[2] - 1} pose frames of {pose.shape[4]}×{pose.shape[3]} "
+            f"px but the latent has {frames} frames of {width}×{height} px. Sample the LATENT that the same "
+            "UniAnimateConditioning made (its frame count and size follow the pose frames).")
 
 
 def _window_frames(window) -> list[int]:
