@@ -1,9 +1,10 @@
 """ID-Animator face adapter in pure PyTorch (no ComfyUI imports anywhere in this package).
 
-Modules: `checkpoint` (reading and validating animator.ckpt), `resampler` (face tokens),
+Modules: `checkpoint` (reading and validating animator.ckpt), `convert` (animator.ckpt to a
+verified .safetensors: `python -m id_animator.adapter.convert`), `resampler` (face tokens),
 `layer_map` (the 16 cross-attention layers), `face_attention` (decoupled attention maths, for
 inference and training), `lora` (attn2 LoRA as weight patches), `identity` (averaging, mixing,
 per-frame schedules, which adapter made the tokens), `face_detection` (insightface detection and
-official alignment), `face_recognition` (ArcFace identity scores), `score_plot` (their chart),
-`errors`.
+official alignment), `face_recognition` (ArcFace identity scores), `curricularface` (the IR-101 recogniser of
+OpenS2V-Eval's FaceSim), `score_plot` (their chart), `errors`.
 """

@@ -13,5 +13,10 @@ class NoFaceError(IDAnimatorError, ValueError):
     """No usable face in the given image(s)."""
 
 
+class PoseError(IDAnimatorError, ValueError):
+    """Pose extraction cannot go on: no person in the reference or in the first driving frame, a
+    body part the alignment needs is not visible, or a DWPose ONNX file of the wrong kind."""
+
+
 class TrainingError(IDAnimatorError, ValueError):
     """Bad training input: a missing or unreadable video, a wrong model file, an empty dataset."""

@@ -7,7 +7,8 @@ a second run of the same graph re-executes.
    validation cost, not disk speed.
 2. FaceEncode (the node's execute) on one photo and on a batch of 4, beside its parts: face
    detection + alignment, the CLIP ViT-H/14 forward, the Resampler, and the unconditional
-   tokens (a second CLIP + Resampler pass on a zero image, done on every call).
+   tokens (a second CLIP + Resampler pass on a zero image; since issue 19 done once per loaded
+   adapter, so FaceEncode_1/_4 here reuse the tokens the first call computed).
 3. The smallest identity graph (tests/support/graphs.face_video_graph) queued three times:
    as is, unchanged, and with a new seed; ComfyUI's messages say which nodes ran.
 

@@ -1,10 +1,12 @@
 """Training data path: clips/s from the latent cache and face draws/s, on one core.
 
-A cache and a pool at the paper's size (clips of 16 frames at 512x512: latents 16x4x64x64, the
-VAE's mean and std in fp16, 1 MiB per clip; 5 crops of 224x224 per video, PNG) are written in the
+A cache and a pool at the paper's size (every 4th frame of each video at 512x512: latents 4x64x64
+per frame, the VAE's mean and std in fp16, 1 MiB per 16-frame window; 5 crops of 224x224 per
+video, PNG) are written in the
 formats of train/latents.py and train/face_pool.py, then read through the trainer's own classes
 (`LatentCache`, `load_pool`, `TrainingSet`, `collate`) in one process, one torch thread:
-- clips: `LatentCache.sample` (read the shard's two tensors, draw mean + std·e, scale);
+- clips: `LatentCache.sample` (read a random window's rows of the shard's two tensors, draw
+  mean + std·e, scale);
 - faces: `read_crop` of a reference drawn from the video's pool (PNG decode);
 - items: `TrainingSet.draw` (both, plus noise and the draws) and `collate` into batches of 2.
 Shards are read warm (the files in the OS page cache, as after the first epoch); each rate is the
@@ -40,16 +42,15 @@ FRAMES, SIDE, STRIDE, SCALE = 16, 64, 4, 0.18215
 GOAL_CLIPS_PER_S = 40.0
 
 
-def write_dataset(root: Path, videos: int, clips_per_video: int, shard_clips: int = 128) -> None:
+def write_dataset(root: Path, videos: int, clips_per_video: int, shard_videos: int = 64) -> None:
     """LATENTS, POOL and captions.jsonl in the trainer's formats, random content: 5 crops per video,
     each the astronaut's face with its own noise."""
     from support.photos import astronaut_image
 
     ids = [f"v{v:04d}" for v in range(videos)]
-    clips = [(video_id, [c * 200 + 50 + STRIDE * i for i in range(FRAMES)])  # away from the pool's frames
-             for video_id in ids for c in range(clips_per_video)]
-    write_latent_cache(root / "latents", clips, gaussian_moments(0), frames=FRAMES, side=SIDE, stride=STRIDE,
-                       checkpoint="random", scaling_factor=SCALE, shard_clips=shard_clips)
+    stored = [(video_id, list(range(0, FRAMES * clips_per_video * STRIDE, STRIDE))) for video_id in ids]
+    write_latent_cache(root / "latents", stored, gaussian_moments(0), frames=FRAMES, side=SIDE, stride=STRIDE,
+                       checkpoint="random", scaling_factor=SCALE, shard_videos=shard_videos)
     face = np.asarray(Image.fromarray(astronaut_image()).resize((224, 224), Image.BICUBIC))
     rng = np.random.default_rng(0)
 
@@ -75,7 +76,7 @@ def rate(fn: Callable[[int], Any], count: int, rounds: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=64)
-    parser.add_argument("--clips-per-video", type=int, default=2)
+    parser.add_argument("--clips-per-video", type=int, default=2, help="non-overlapping windows per video")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=common.RESULTS / "train_data.json")
     args = parser.parse_args()
@@ -90,7 +91,7 @@ def main() -> None:
         faces = [face for video in pool.values() for face in video]
         g = torch.Generator().manual_seed(1)
         results = {
-            "clips_per_s": rate(lambda i: cache.sample(data.clips[i % n], g), n, args.rounds),
+            "clips_per_s": rate(lambda i: cache.sample(cache.videos[i % len(cache)], i % FRAMES, g), n, args.rounds),
             "face_draws_per_s": rate(lambda i: read_crop(faces[i % len(faces)].crop), len(faces), args.rounds),
             "items_per_s": rate(lambda i: data.draw(0, i % n), n, args.rounds),
             "batches_of_2_per_s": rate(lambda i: collate([data.draw(1, 2 * i % n), data.draw(1, (2 * i + 1) % n)]),

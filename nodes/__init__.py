@@ -8,15 +8,18 @@ from .apply_face_adapter import ApplyFaceAdapter
 from .face_encode import FaceEncode
 from .face_similarity import FaceSimilarity
 from .id_mix import IDMix
+from .load_dwpose import LoadDWPose
+from .load_face_scorer import LoadFaceScorer
 from .load_id_animator import LoadIDAnimator
 from .load_unianimate import LoadUniAnimate
 from .unianimate_conditioning import UniAnimateConditioning
 from .unianimate_frames import UniAnimateLatentFrames
+from .unianimate_pose import UniAnimatePose
 from .unianimate_windows import UniAnimateContextWindows
 
-NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, FaceSimilarity,
-                                   LoadUniAnimate, UniAnimateConditioning, UniAnimateLatentFrames,
-                                   UniAnimateContextWindows]
+NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, LoadFaceScorer,
+                                   FaceSimilarity, LoadDWPose, UniAnimatePose, LoadUniAnimate,
+                                   UniAnimateConditioning, UniAnimateLatentFrames, UniAnimateContextWindows]
 
 
 class IDAnimatorExtension(ComfyExtension):

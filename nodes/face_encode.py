@@ -40,6 +40,15 @@ def resample(id_animator: IDAnimator, hidden: torch.Tensor) -> torch.Tensor:
         return resampler(hidden.to(param.device, param.dtype)).float().cpu()
 
 
+def unconditional_tokens(id_animator: IDAnimator) -> torch.Tensor:
+    """The negative face tokens (16,768) on the CPU: the same for every photo (official §4.4)."""
+    clip_vision = id_animator.clip_vision
+    with torch.no_grad():
+        tokens = uncond_tokens(lambda px: clip_penultimate(clip_vision, px),
+                               lambda h: resample(id_animator, h), device="cpu")
+    return tokens.float().cpu()
+
+
 class FaceEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -96,7 +105,6 @@ class FaceEncode(io.ComfyNode):
         with torch.no_grad():
             hidden = clip_penultimate(clip_vision, normalize_crops(crop_batch, clip_vision))
             face_tokens = resample(id_animator, hidden)  # (N,16,768)
-            uncond = uncond_tokens(lambda px: clip_penultimate(clip_vision, px),
-                                   lambda h: resample(id_animator, h), device="cpu")
-        embeds = single_identity(face_tokens, uncond.float().cpu(), id_animator.source)
+        uncond = id_animator.uncond.get(lambda: unconditional_tokens(id_animator))
+        embeds = single_identity(face_tokens, uncond, id_animator.source)
         return io.NodeOutput(embeds, crop_batch, ui=ui.PreviewImage(crop_batch, cls=cls))

@@ -1,7 +1,8 @@
 """FaceSimilarity: how much of the reference person survives in each generated frame.
 
 ArcFace cosine between the reference face and the face in each frame, with the detector and the
-recognition model of an insightface pack (docs/scoring.md has the protocol). Outputs plain
+recognition model that IDA_LoadFaceScorer loaded (docs/scoring.md has the protocol); nothing is
+loaded here, so a new video reuses the loader's cached models. Outputs plain
 FLOATs; `frame_scores` is a ComfyUI output list (one FLOAT per frame, NaN where the frame has no
 face), so a node downstream runs once per frame or takes the whole list.
 """
@@ -15,13 +16,11 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..adapter.errors import IDAnimatorError
-from ..adapter.face_detection import FaceDetector, resolve_providers
 from ..adapter.face_recognition import (
-    FRAME_FACE_MODES, FaceRecognizer, IdentityScores, detector_function, embed_references, score_frames,
+    FRAME_FACE_MODES, IdentityScores, detector_function, embed_references, score_frames,
 )
 from ..adapter.score_plot import Series, plot_scores
-from . import folders
-from .load_id_animator import PROVIDERS
+from .types import FACE_SCORER, FaceScorer
 
 NODE = "FaceSimilarity"
 
@@ -51,14 +50,8 @@ class FaceSimilarity(io.ComfyNode):
                 io.Image.Input("reference", tooltip="Photo(s) of the person (several: their mean embedding). "
                                                     "The most confident face of each photo is used."),
                 io.Image.Input("frames", tooltip="The generated frames (a decoded video: an IMAGE batch)."),
-                io.Combo.Input("insightface_pack", options=folders.detector_packs(),
-                               tooltip="insightface pack folder under models/insightface/models/ with a detector "
-                                       "and a recognition model: buffalo_l (det_10g.onnx + w600k_r50.onnx) or "
-                                       "antelopev2 (scrfd_10g_bnkps.onnx + glintr100.onnx). Scores from "
-                                       "different recognition models are not comparable."),
-                io.Combo.Input("provider", options=PROVIDERS, default="auto",
-                               tooltip="Where detection and recognition run (onnxruntime), as in Load "
-                                       "ID-Animator: auto = CUDA/ROCm/CoreML when this onnxruntime has it, else CPU."),
+                FACE_SCORER.Input("face_scorer", tooltip="From Load Face Scorer: the recognition model (and "
+                                                         "detector) the scores are made with."),
                 io.Combo.Input("frame_face", options=list(FRAME_FACE_MODES), default="largest",
                                tooltip="Which face of a frame with several is scored: largest (the protocol's "
                                        "default), most confident, or best match (the one closest to the "
@@ -83,25 +76,15 @@ class FaceSimilarity(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, insightface_pack: str) -> bool | str:
-        if insightface_pack not in folders.detector_packs():
-            return (f"insightface_pack '{insightface_pack}' is not a folder in "
-                    f"{' or '.join(folders.insightface_roots())}: unzip an insightface pack with a recognition "
-                    "model (buffalo_l or antelopev2) there so its .onnx files are directly inside.")
-        return True
-
-    @classmethod
-    def execute(cls, reference: torch.Tensor, frames: torch.Tensor, insightface_pack: str, provider: str,
+    def execute(cls, reference: torch.Tensor, frames: torch.Tensor, face_scorer: FaceScorer,
                 frame_face: str) -> io.NodeOutput:
         if reference.shape[0] == 0:
             raise ValueError(f"{NODE}: the reference batch is empty: connect at least one photo of the person.")
         if frames.shape[0] == 0:
             raise ValueError(f"{NODE}: the frames batch is empty: connect the decoded video (VAE Decode).")
-        pack = folders.detector_pack_path(insightface_pack)
-        providers = resolve_providers(provider)
+        recognizer = face_scorer.recognizer
+        detect = detector_function(face_scorer.detector)
         try:
-            recognizer = FaceRecognizer(pack, providers)  # first: a pack without one fails fast
-            detect = detector_function(FaceDetector(pack, providers))
             reference_embedding = embed_references(reference, detect, recognizer)
             progress = comfy.utils.ProgressBar(frames.shape[0])
             scores = score_frames(enumerate(frames), reference_embedding, detect, recognizer, frame_face,

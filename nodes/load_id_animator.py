@@ -17,6 +17,7 @@ from ..adapter.face_detection import FaceDetector, resolve_providers
 from ..adapter.identity import AdapterSource
 from ..adapter.resampler import Resampler
 from . import folders
+from .shared_models import shared_load
 from .types import ID_ANIMATOR, IDAnimator
 
 PROVIDERS = ["auto", "CPU", "CUDA", "ROCM", "CoreML"]
@@ -123,7 +124,8 @@ class LoadIDAnimator(io.ComfyNode):
         resampler_patcher = comfy.model_patcher.CoreModelPatcher(
             resampler, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
-        clip_vision = load_clip_vision_h(clip_vision_name)
+        clip_vision = shared_load("clip_vision", folder_paths.get_full_path_or_raise("clip_vision", clip_vision_name),
+                                  lambda: load_clip_vision_h(clip_vision_name))  # one tower per file
         detector = FaceDetector(folders.detector_pack_path(face_detector), resolve_providers(provider))
         logging.info("ID-Animator: loaded %s; face detector %s runs on %s", adapter_name, face_detector,
                      ", ".join(detector.providers_in_use))

@@ -411,7 +411,8 @@ def id_score() -> Workflow:
         "A 16-frame video of the person, scored frame by frame: face similarity, faces found, stability.",
         "# Render, then measure the identity\n"
         "**Face Similarity** compares the face in every generated frame with the reference photo (ArcFace "
-        "cosine with the insightface pack's recognition model, `w600k_r50.onnx` in buffalo_l). Its plot shows "
+        "cosine with the insightface pack's recognition model, `w600k_r50.onnx` in buffalo_l, which **Load face "
+        "scorer** loads once; it reuses Load ID-Animator's face detector). Its plot shows "
         "the score per frame; frames where no face was found are marked with a red x and left out of the "
         "mean. **stability** is how alike the faces of consecutive frames are.\n"
         "Change **weight** on Apply Face Adapter or the prompt, queue again and compare the numbers. Scores "
@@ -420,9 +421,11 @@ def id_score() -> Workflow:
     ida, encode = identity(wf)
     model = animate(wf, apply(wf, ckpt["MODEL"], ida, encode["face_embeds"]))
     sampling(wf, model, frames=16, prefix="id_animator/score")
+    # the scorer reuses the detector Load ID-Animator holds: one detector for encoding and scoring
+    scorer = wf.add("scorer", "IDA_LoadFaceScorer", 5, title="Load face scorer", insightface_pack="buffalo_l",
+                    provider="auto", id_animator=ida["id_animator"])
     score = wf.add("score", "FaceSimilarity", 6, title="Face similarity", reference=wf.nodes["photo"]["IMAGE"],
-                   frames=wf.nodes["decode"]["IMAGE"], insightface_pack="buffalo_l", provider="auto",
-                   frame_face="largest")
+                   frames=wf.nodes["decode"]["IMAGE"], face_scorer=scorer["face_scorer"], frame_face="largest")
     wf.add("mean", "PreviewAny", 7, title="Mean face similarity", source=score["mean_score"])
     return wf
 

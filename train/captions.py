@@ -24,8 +24,13 @@ Output: a JSONL file, one row per video: {"id", "caption", "attribute", "action"
 absent). Videos without any caption are an error, unless `--allow-missing`: then they are listed
 (stderr and `<out>.missing.txt`) and left out, and training skips them.
 
-Not built: captioning with a local vision-language model; make the attribute/action files with your
-captioner of choice (the paper used ShareGPT4V and Video-LLaVA) and merge them here.
+Caption length: with the SD1.5 CLIP tokenizer (`--tokenizer`, default ComfyUI's
+comfy/sd1_tokenizer) every caption is tokenized; rows gain "tokens", "truncated", "lost" (the words
+past CLIP's 77 tokens) and "cut" (for merged parts: words lost per part, e.g. {"action": 12}).
+The cut captions are counted in the printed summary and listed in `<out>.truncated.txt`.
+
+To make the parts with local models (the paper's ShareGPT4V, Video-LLaVA and an LLM), see the
+`caption` command (train/caption.py).
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapter.errors import TrainingError
+from . import caption_length
 from .video import Video, find_videos
 
 logger = logging.getLogger(__name__)
@@ -258,6 +264,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"how attribute and action merge into the unified caption (default {TEMPLATE!r})")
     parser.add_argument("--allow-missing", action="store_true",
                         help="leave videos without any caption out (listed) instead of failing")
+    parser.add_argument("--tokenizer", type=Path, help="SD1.5 CLIP tokenizer folder, to count captions cut at 77 "
+                                                       "tokens (default: ComfyUI's comfy/sd1_tokenizer)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -290,7 +298,12 @@ def run(args: argparse.Namespace) -> int:
         missing_list.unlink(missing_ok=True)
     if not rows:
         raise TrainingError(f"None of the {len(videos)} videos has a caption; nothing written.")
+    tokenizer = caption_length.open_tokenizer(args.tokenizer)
+    if tokenizer is not None:
+        truncated = caption_length.annotate(rows, tokenizer, args.template)
     write_captions(rows, args.out)
     print(f"captions {args.out}: {len(rows)} videos"
           + (f", {len(missing)} without caption left out (listed in {missing_list})" if missing else ""))
+    if tokenizer is not None:
+        print(caption_length.report(rows, truncated, args.out.with_name(args.out.stem + ".truncated.txt")))
     return 0

@@ -1,4 +1,4 @@
-"""One entry point, one sub-command per step: pool, captions, latents, train, export, score.
+"""One entry point, one sub-command per step: pool, caption, captions, latents, train, export, score.
 
 Each step lives in its own module, which provides `configure(parser)` (its arguments) and
 `run(args) -> int` (its work); modules are imported only for the command asked, so `--help` and
@@ -18,6 +18,7 @@ PROG = "python -m id_animator.train"
 
 COMMANDS: dict[str, tuple[str, str]] = {  # command: (module, one-line help)
     "pool": ("face_pool", "build each video's face pool: up to 5 aligned single-face crops"),
+    "caption": ("caption", "caption videos with local VLMs and an LLM: attribute, action, unified"),
     "captions": ("captions", "merge attribute and action captions into unified captions"),
     "latents": ("latents", "cut clips and encode them once with the checkpoint's VAE"),
     "train": ("loop", "random reference training of the adapter (run under accelerate launch)"),

@@ -7,10 +7,18 @@ crop; both are counted in the video's "rejected"). The walk stops at `--faces-pe
 when the frames run out. A video whose pool stays empty is dropped (reason in its record, in
 `POOL/dropped.txt` and in the summary); training never sees it.
 
-The crop is exactly what the adapter sees at inference: SCRFD keypoints -> ArcFace similarity
-alignment at 112 -> 224 (`adapter.face_detection.align_face`). Detection runs at one size,
+Videos of several people (paper §4.1: "videos with multiple faces" were filtered out, 15k -> 13k
+CelebV-HQ videos) are dropped at the video level: among the frames the walk examined that show a
+face, the share showing two or more must not exceed `--max-multi-face-share` (default 0.2: with
+the 5 single-face frames a walk needs, one two-face frame (1/6) is tolerated, as a passer-by or a
+poster in the background; two (2/7) drop the video). The counts are in the record and the
+reason; `--max-multi-face-share 1` keeps every video with a single-face frame.
+
+Counting and cropping detect at different sizes, each for its purpose. Counting runs at
 `--det-size` (default 640, where small background faces are found: a frame must be *seen* to hold
-two faces to be rejected), so crops can differ by a pixel from the node's, which tries 320 first.
+two faces to be rejected). The crop is exactly the inference crop: FaceEncode's detection
+(`adapter.face_detection.detect_and_align`: 320 first, as the official code, then other sizes;
+its face selection) -> SCRFD keypoints -> ArcFace similarity alignment at 112 -> 224.
 
 Shuffle: frame i gets the i-th draw of `numpy.random.default_rng(video_seed)`; the frames sorted by
 their draw are a uniform random permutation that needs no frame count up front, so one decoding
@@ -20,7 +28,8 @@ of the inputs, and it is stored in the video's record.
 
 Output (the contract with `train/data.py`):
 - `POOL/videos/<video_id>.json`: {"video", "id", "seed", "frames", "faces": [{"frame", "box",
-  "score", "crop", "kps"}], "rejected": {"no_face", "several_faces"}, "tried", "dropped"}; written
+  "score", "crop", "kps"}] (box, score and keypoints of the crop's detection), "rejected":
+  {"no_face", "several_faces"}, "tried", "multi_face_share", "dropped"}; written
   last and atomically, so its presence means the video is finished: a re-run skips it.
 - `POOL/crops/<video_id>/<frame:06d>.png`: 224x224 RGB, lossless.
 - `POOL/pool.json`: the settings; a re-run with other settings is refused (mixed pools).
@@ -57,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 FACES_PER_VIDEO = 5  # paper §3.3.2: "five randomly chosen frames"
 DET_SIZE = 640
+MAX_MULTI_FACE_SHARE = 0.2  # see the module docstring
 UNREADABLE = "unreadable: "  # prefix of the dropped reason of a video that could not be decoded
 _KEY_BLOCK = 4096  # shuffle keys are drawn in blocks of this many frames
 
@@ -80,6 +90,7 @@ class PoolSettings:
     det_size: int = DET_SIZE
     det_thresh: float = 0.5
     max_tries: int = 0  # frames examined per video at most; 0 = all (the paper's rule)
+    max_multi_face_share: float = MAX_MULTI_FACE_SHARE  # of examined frames with a face; 1 = off
 
 
 # ----------------------------------------------------------------------------- seeds and shards
@@ -200,7 +211,7 @@ def pool_video(video: Video, detector: Any, pool_dir: Path, settings: PoolSettin
     """Build one video's pool: walk its shuffled frames, keep single-face crops, write the record."""
     from PIL import Image
 
-    from ..adapter.face_detection import align_face
+    from ..adapter.face_detection import detect_and_align
 
     seed = video_seed(settings.seed, video.id)
     keys = _FrameKeys(seed)
@@ -223,9 +234,13 @@ def pool_video(video: Video, detector: Any, pool_dir: Path, settings: PoolSettin
                 if len(found) != 1:
                     rejected["no_face" if not found else "several_faces"] += 1
                     continue
-                face, index = found[0], order[1]
+                aligned = detect_and_align(detector, rgb)  # FaceEncode's crop (module docstring)
+                if aligned is None:  # found at det_size only: no crop inference would make
+                    rejected["no_face"] += 1
+                    continue
+                face, index = aligned.face, order[1]
                 crops_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(align_face(rgb, face.kps)).save(  # lossless; level 1: 3x faster than 6
+                Image.fromarray(aligned.crop).save(  # lossless; level 1: 3x faster than 6
                     pool_dir / _crop_name(video.id, index), compress_level=1)
                 faces.append({"frame": index, "box": [round(float(v), 3) for v in face.bbox],
                               "score": round(float(face.score), 6), "crop": _crop_name(video.id, index),
@@ -239,14 +254,27 @@ def pool_video(video: Video, detector: Any, pool_dir: Path, settings: PoolSettin
     except TrainingError as error:
         dropped, faces = f"{UNREADABLE}{error}", []
         shutil.rmtree(crops_dir, ignore_errors=True)
+    share = multi_face_share(len(faces), rejected["several_faces"])
     if dropped is None and not faces:
         dropped = ("no frames decoded" if frames == 0 else
                    f"no single-face frame among {tried} of {frames} frames "
                    f"({rejected['no_face']} without a face, {rejected['several_faces']} with several)")
+    elif dropped is None and share > settings.max_multi_face_share:
+        dropped = (f"several people: {rejected['several_faces']} of {len(faces) + rejected['several_faces']} "
+                   f"examined frames with a face show two or more faces ({share:.0%} > "
+                   f"--max-multi-face-share {settings.max_multi_face_share:g})")
+        faces = []
+        shutil.rmtree(crops_dir, ignore_errors=True)
     record = {"video": str(video.path.resolve()), "id": video.id, "seed": seed, "frames": frames,
-              "faces": faces, "rejected": rejected, "tried": tried, "dropped": dropped}
+              "faces": faces, "rejected": rejected, "tried": tried, "multi_face_share": round(share, 4),
+              "dropped": dropped}
     _write_json(_record_path(pool_dir, video.id), record)
     return record
+
+
+def multi_face_share(single: int, several: int) -> float:
+    """Share of the examined frames with a face that show two or more (0 when none shows one)."""
+    return several / (single + several) if single + several else 0.0
 
 
 # ----------------------------------------------------------------------------- reading a pool
@@ -374,9 +402,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="crops kept per video (paper: 5)")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (per video: derived from it and the id)")
     parser.add_argument("--det-size", type=int, default=DET_SIZE,
-                        help="detection size in pixels, multiple of 32 (default 640: finds small "
-                             "background faces, so multi-face frames are rejected)")
+                        help="detection size for counting faces, multiple of 32 (default 640: finds small "
+                             "background faces, so multi-face frames are rejected); crops use FaceEncode's "
+                             "detection (320 first), so they equal inference crops")
     parser.add_argument("--det-thresh", type=float, default=0.5, help="detection score threshold")
+    parser.add_argument("--max-multi-face-share", type=float, default=MAX_MULTI_FACE_SHARE,
+                        help="drop a video when more than this share of its examined frames with a face show "
+                             f"two or more faces (paper §4.1; default {MAX_MULTI_FACE_SHARE}: one such frame "
+                             "beside 5 single-face ones is kept, two are not; 1 = keep every video)")
     parser.add_argument("--max-tries", type=int, default=0,
                         help="frames examined per video at most (0 = all, the paper's rule; "
                              "e.g. 60 bounds the time spent on videos with several people)")
@@ -402,6 +435,8 @@ def run(args: argparse.Namespace) -> int:
         raise TrainingError(f"--faces-per-video must be at least 1, got {args.faces_per_video}.")
     if args.workers < 1:
         raise TrainingError(f"--workers must be at least 1, got {args.workers}.")
+    if not 0.0 <= args.max_multi_face_share <= 1.0:
+        raise TrainingError(f"--max-multi-face-share must be a share in [0, 1], got {args.max_multi_face_share}.")
     if args.max_tries < 0:
         raise TrainingError(f"--max-tries must be 0 (all frames) or more, got {args.max_tries}.")
     index, count = parse_shard(args.shard)
@@ -409,7 +444,8 @@ def run(args: argparse.Namespace) -> int:
     if not videos:
         raise TrainingError(f"Shard {index}/{count} holds none of the videos; use fewer shards.")
     settings = PoolSettings(seed=args.seed, faces_per_video=args.faces_per_video, det_size=args.det_size,
-                            det_thresh=args.det_thresh, max_tries=args.max_tries)
+                            det_thresh=args.det_thresh, max_tries=args.max_tries,
+                            max_multi_face_share=args.max_multi_face_share)
     try:  # loaded here also when workers load their own: a wrong detector fails before any work
         detector = load_detector(args.detector, args.provider, args.det_thresh)
     except IDAnimatorError as error:

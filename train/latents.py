@@ -1,25 +1,31 @@
-"""The latent cache: clips of N frames, encoded once with the SD1.5 VAE, stored in shards.
+"""The latent cache: every `stride`-th frame of each video, encoded once with the SD1.5 VAE.
 
-Encoding 16 frames at 512x512 online would add ~40% to each training step's FLOPs, so every clip
-is encoded once here. What is stored is the VAE's diagonal Gaussian (its mean and std, fp16), not
-one sample of it: the trainer draws a fresh latent `mean + std * eps` at every step, as training
-on pixels would.
+Encoding 16 frames at 512x512 online would add ~40% to each training step's FLOPs, so every frame
+the trainer can use is encoded once here. What is stored is the VAE's diagonal Gaussian (its mean
+and std, fp16), not one sample of it: the trainer draws a fresh latent `mean + std * eps` at
+every step, as training on pixels would.
 
-Clips (AnimateDiff's sampling, made deterministic): `--frames` frames taken every `--stride`
-frames of the video (default 4, AnimateDiff's `sample_stride`: 16 frames cover ~2 s at 30 fps,
-the motion the motion module learnt); a clip starts every `--clip-step` frames (default: where
-the previous clip's span ends, so clips do not overlap), at most `--clips-per-video` of them
-spread evenly over the video. Each frame: the centred square crop, resized to `--size` with
-PIL's bicubic filter, RGB scaled to [-1, 1].
+Clips (AnimateDiff's sampling): a clip is `--frames` frames taken every `--stride` frames of the
+video (default 4, AnimateDiff's `sample_stride`: 16 frames cover ~2 s at 30 fps, the motion the
+motion module learnt). The cache holds frames 0, stride, 2*stride, ... of each video, and the
+trainer draws a new window of `--frames` consecutive stored frames at every draw (AnimateDiff's
+loader draws a new start each time); overlapping windows share their encoded frames, so they
+cost no extra encoding. Each frame: the centred square crop, resized to `--size` with PIL's
+bicubic filter, RGB scaled to [-1, 1].
 
-Folder (the contract with the trainer, see `LatentCache`):
+Folder (the contract with the trainer, see `LatentCache`), format 2:
 - `meta.json`: the settings; a rerun with other settings is refused rather than mixed in;
-- `shard-<n:05d>.safetensors`: per clip `<k>.mean` and `<k>.std`, fp16 (F, 4, size/8, size/8);
-  a shard ends at a video boundary, so a video's clips live in one shard;
-- `index.jsonl`: one row per clip {"clip": "<id>@<start>", "id", "frames", "shard", "key"};
-- `videos.jsonl`: one row per finished video (its clips, or why it was skipped). This is the
-  commit record: a shard is written, then its index rows, then its videos' rows, so after an
+- `shard-<n:05d>.safetensors`: per video `<k>.mean` and `<k>.std`, fp16 (N, 4, size/8, size/8)
+  for its N stored frames; a shard ends at a video boundary;
+- `index.jsonl`: one row per video {"id", "frames" (the video frame of each stored latent),
+  "shard", "key"};
+- `videos.jsonl`: one row per finished video (its stored frames, or why it was skipped). This is
+  the commit record: a shard is written, then its index rows, then its videos' rows, so after an
   interruption the videos without a row are redone and index rows of unfinished videos dropped.
+
+Format 1 (fixed, non-overlapping clips) cannot be migrated: its clips skip the frames between
+one clip's end and the next one's start, so the frames of most windows were never encoded. The
+trainer refuses such a cache and says to encode again.
 """
 from __future__ import annotations
 
@@ -40,11 +46,11 @@ from ..adapter.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 1: fixed clips (refused, see the module docstring)
 DEFAULT_STRIDE = 4  # AnimateDiff's training.yaml sample_stride
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # meta.json fields that decide the stored latents: a resume must match them all
-SETTINGS = ("format", "frames", "stride", "clip_step", "clips_per_video", "size", "checkpoint", "checkpoint_bytes")
+SETTINGS = ("format", "frames", "stride", "size", "checkpoint", "checkpoint_bytes")
 
 
 # --- Clips -----------------------------------------------------------------------------------------
@@ -55,15 +61,9 @@ def clip_span(frames: int, stride: int) -> int:
     return (frames - 1) * stride + 1
 
 
-def clip_starts(total: int, frames: int, stride: int, clip_step: int | None = None,
-                clips_per_video: int | None = None) -> list[int]:
-    """First frame of each clip of a `total`-frame video; empty when the video is too short."""
-    span = clip_span(frames, stride)
-    starts = list(range(0, total - span + 1, clip_step or span))
-    if clips_per_video is not None and len(starts) > clips_per_video:
-        picks = np.linspace(0, len(starts) - 1, clips_per_video).round().astype(int)
-        starts = [starts[i] for i in picks]
-    return starts
+def stored_frames(total: int, stride: int) -> list[int]:
+    """The frames of a `total`-frame video the cache encodes: 0, stride, 2*stride, ..."""
+    return list(range(0, total, stride))
 
 
 def clip_frames(start: int, frames: int, stride: int) -> list[int]:
@@ -83,29 +83,26 @@ def centre_crop_resize(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(square).resize((size, size), Image.BICUBIC))
 
 
-def read_clips(path: Path, starts: Sequence[int], frames: int, stride: int, size: int
-               ) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, uint8 (F, size, size, 3)) per clip, in one decoding pass, holding only the frames
-    a clip still to come needs."""
+def read_stored(path: Path, frames: Sequence[int], size: int, chunk: int) -> Iterator[np.ndarray]:
+    """The video's `frames`, centre-cropped and resized: uint8 (<= chunk, size, size, 3) pieces in
+    order, in one decoding pass, never holding more than `chunk` frames."""
     from .video import read_frames
 
-    wanted = sorted({f for s in starts for f in clip_frames(s, frames, stride)})
-    pending = list(starts)
-    kept: dict[int, np.ndarray] = {}
-    for index, frame in read_frames(path, wanted):
-        kept[index] = centre_crop_resize(frame, size)
-        while pending and clip_frames(pending[0], frames, stride)[-1] <= index:
-            start = pending.pop(0)
-            indices = clip_frames(start, frames, stride)
-            missing = [i for i in indices if i not in kept]
-            if missing:
-                raise TrainingError(f"{path}: frames {missing[:3]} could not be decoded.")
-            yield start, np.stack([kept[i] for i in indices])
-            first_needed = pending[0] if pending else index + 1
-            kept = {i: f for i, f in kept.items() if i >= first_needed}
-    if pending:
-        raise TrainingError(f"{path} ended before frame {clip_frames(pending[0], frames, stride)[-1]} "
-                            f"(it decoded to fewer frames than it first counted).")
+    piece: list[np.ndarray] = []
+    expected = iter(frames)
+    for index, frame in read_frames(path, frames):
+        if index != next(expected):
+            raise TrainingError(f"{path}: frame {index} came out of order; re-encode the video.")
+        piece.append(centre_crop_resize(frame, size))
+        if len(piece) == chunk:
+            yield np.stack(piece)
+            piece = []
+    if piece:
+        yield np.stack(piece)
+    missing = next(expected, None)
+    if missing is not None:
+        raise TrainingError(f"{path} ended before frame {missing} (it decoded to fewer frames than it "
+                            f"first counted).")
 
 
 # --- Encoding --------------------------------------------------------------------------------------
@@ -134,12 +131,17 @@ def encode_frames(vae, frames: np.ndarray, batch_size: int) -> tuple[torch.Tenso
 
 
 @dataclass(frozen=True)
-class Clip:
-    name: str  # "<video_id>@<start>"
+class CachedVideo:
+    """One video of the cache: the video frame of each stored latent, and where they are."""
+
     video_id: str
-    frames: tuple[int, ...]
+    frames: tuple[int, ...]  # 0, stride, 2*stride, ...
     shard: str
     key: str
+
+    def windows(self, length: int) -> int:
+        """How many windows of `length` stored frames it holds (starts 0 .. N - length)."""
+        return max(0, len(self.frames) - length + 1)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -168,7 +170,7 @@ def _finished_videos(root: Path) -> dict[str, dict[str, Any]]:
 
 class LatentCache:
     """A latent cache folder, read by the trainer. Shards are opened lazily and memory-mapped, once
-    per process (DataLoader workers reopen them after fork)."""
+    per process (DataLoader workers reopen them after fork); a window reads only its frames."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -177,9 +179,10 @@ class LatentCache:
             raise TrainingError(f"{self.path} is not a latent cache (no meta.json); create one with "
                                 f"`python -m id_animator.train latents VIDEOS --checkpoint SD15 --out {self.path}`.")
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        finished = {vid for vid, row in _finished_videos(self.path).items() if row.get("clips")}
-        self.clips: list[Clip] = [
-            Clip(row["clip"], row["id"], tuple(row["frames"]), row["shard"], row["key"])
+        check_format(self.path, self.meta)
+        finished = {vid for vid, row in _finished_videos(self.path).items() if row.get("stored")}
+        self.videos: list[CachedVideo] = [
+            CachedVideo(row["id"], tuple(row["frames"]), row["shard"], row["key"])
             for row in _read_jsonl(self.path / "index.jsonl") if row["id"] in finished]
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
@@ -188,8 +191,17 @@ class LatentCache:
     def scaling_factor(self) -> float:
         return float(self.meta["scaling_factor"])
 
+    @property
+    def window(self) -> int:
+        """Frames per training clip (the latents command's --frames)."""
+        return int(self.meta["frames"])
+
+    @property
+    def stride(self) -> int:
+        return int(self.meta["stride"])
+
     def __len__(self) -> int:
-        return len(self.clips)
+        return len(self.videos)
 
     def _shard(self, name: str):
         from safetensors import safe_open
@@ -200,16 +212,37 @@ class LatentCache:
             self._handles[name] = safe_open(str(self.path / name), "pt")
         return self._handles[name]
 
-    def load(self, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std), fp32 (F, 4, size/8, size/8): the unscaled VAE posterior of each frame."""
-        shard = self._shard(clip.shard)
-        return shard.get_tensor(f"{clip.key}.mean").float(), shard.get_tensor(f"{clip.key}.std").float()
+    def load(self, video: CachedVideo, start: int = 0, length: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), fp32 (length, 4, size/8, size/8): the unscaled VAE posterior of stored frames
+        start .. start+length-1 (all when length is None); only those rows are read."""
+        stop = len(video.frames) if length is None else start + length
+        if not 0 <= start < stop <= len(video.frames):
+            raise TrainingError(f"Frames {start}..{stop - 1} are outside the {len(video.frames)} stored "
+                                f"frames of {video.video_id} in {self.path}.")
+        shard = self._shard(video.shard)
+        return (shard.get_slice(f"{video.key}.mean")[start:stop].float(),
+                shard.get_slice(f"{video.key}.std")[start:stop].float())
 
-    def sample(self, clip: Clip, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A fresh latent of the clip, scaled for the UNet: (mean + std * eps) * scaling_factor."""
-        mean, std = self.load(clip)
+    def sample(self, video: CachedVideo, start: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A fresh latent of the window at `start`, scaled for the UNet: (mean + std * eps) * scaling_factor."""
+        mean, std = self.load(video, start, self.window)
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         return (mean + std * noise) * self.scaling_factor
+
+
+def check_format(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a cache of another format, saying what to do."""
+    found = meta.get("format", 1)
+    if found == FORMAT:
+        return
+    if found == 1:
+        raise TrainingError(f"{path} is a latent cache of format 1 (fixed clips): it lacks the frames between "
+                            f"its clips, so the trainer cannot draw random windows from it. Encode the videos "
+                            f"again into a new folder: `python -m id_animator.train latents VIDEOS --checkpoint "
+                            f"SD15 --out NEW_FOLDER` (same --frames, --stride and --size).")
+    raise TrainingError(f"{path} is a latent cache of format {found!r}; this trainer reads format {FORMAT}. "
+                        f"Update the pack, or encode the videos again with this version.")
 
 
 # --- The command -----------------------------------------------------------------------------------
@@ -222,20 +255,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="the SD1.5 single-file checkpoint whose VAE encodes "
                                                             "(the one you will train with)")
     parser.add_argument("--out", required=True, help="the latent cache folder (created; resumed if it exists)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per clip (default 16, the paper's)")
+    parser.add_argument("--frames", type=int, default=16, help="frames per training clip (default 16, the "
+                        "paper's); the cache stores every stride-th frame, a video needs at least this many")
     parser.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
                         help=f"take every n-th frame inside a clip (default {DEFAULT_STRIDE}, AnimateDiff's "
                              f"sample_stride; 1 = consecutive frames)")
-    parser.add_argument("--clip-step", type=int, default=None,
-                        help="frames between clip starts (default: the clip's span, (frames-1)*stride+1, "
-                             "so clips do not overlap)")
-    parser.add_argument("--clips-per-video", type=int, default=None,
-                        help="at most this many clips per video, spread evenly (default: all)")
     parser.add_argument("--size", type=int, default=512, help="square side in pixels after the centre crop "
                                                               "(default 512; a multiple of 8)")
     parser.add_argument("--batch-size", type=int, default=16, help="frames per VAE forward pass (default 16)")
-    parser.add_argument("--shard-size", type=int, default=128,
-                        help="clips per shard file (default 128, ~128 MiB at 512; a shard ends at a video boundary)")
+    parser.add_argument("--shard-size", type=int, default=2048,
+                        help="stored frames per shard file (default 2048, ~128 MiB at 512; a shard ends at a "
+                             "video boundary)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device for the VAE (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -244,8 +274,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name, minimum in (("frames", 1), ("stride", 1), ("clip_step", 1), ("clips_per_video", 1),
-                          ("size", 8), ("batch_size", 1), ("shard_size", 1)):
+    for name, minimum in (("frames", 1), ("stride", 1), ("size", 8), ("batch_size", 1), ("shard_size", 1)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
@@ -259,10 +288,9 @@ def _validate(args: argparse.Namespace) -> None:
 def _settings(args: argparse.Namespace, scaling_factor: float) -> dict[str, Any]:
     checkpoint = Path(args.checkpoint)
     return {"format": FORMAT, "frames": args.frames, "stride": args.stride,
-            "clip_step": args.clip_step or clip_span(args.frames, args.stride),
-            "clips_per_video": args.clips_per_video, "size": args.size, "scaling_factor": scaling_factor,
+            "size": args.size, "scaling_factor": scaling_factor,
             "checkpoint": checkpoint.name, "checkpoint_bytes": checkpoint.stat().st_size,
-            "latent_channels": 4, "dtype": "float16", "stored": "VAE posterior mean and std, unscaled",
+            "latent_channels": 4, "dtype": "float16", "stored": "VAE posterior mean and std, unscaled, of every stride-th frame",
             "crop": "centred square, PIL bicubic resize, RGB in [-1, 1]", "vae_dtype": args.dtype}
 
 
@@ -273,6 +301,7 @@ def _start_folder(root: Path, settings: dict[str, Any]) -> None:
     meta_path = root / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
+        check_format(root, old)
         changed = [f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in SETTINGS if old.get(k) != settings[k]]
         if changed:
             raise TrainingError(f"{root} holds latents made with other settings ({'; '.join(changed)}); use another "
@@ -300,7 +329,7 @@ def _append(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 class _ShardWriter:
-    """Buffers finished videos' clips and writes them as one shard, then commits them."""
+    """Buffers finished videos' latents and writes them as one shard, then commits them."""
 
     def __init__(self, root: Path, shard_size: int) -> None:
         self.root, self.shard_size = root, shard_size
@@ -309,21 +338,20 @@ class _ShardWriter:
         self.tensors: dict[str, torch.Tensor] = {}
         self.index: list[dict[str, Any]] = []
         self.videos: list[dict[str, Any]] = []
+        self.stored = 0  # frames buffered
 
     @property
     def name(self) -> str:
         return f"shard-{self.number:05d}.safetensors"
 
-    def add_video(self, video_row: dict[str, Any], clips: list[tuple[int, list[int], torch.Tensor, torch.Tensor]]
-                  ) -> None:
-        for start, frames, mean, std in clips:
-            key = str(len(self.index))
-            self.tensors[f"{key}.mean"] = mean.to(torch.float16).contiguous()
-            self.tensors[f"{key}.std"] = std.to(torch.float16).contiguous()
-            self.index.append({"clip": f"{video_row['id']}@{start}", "id": video_row["id"], "frames": frames,
-                               "shard": self.name, "key": key})
-        self.videos.append(dict(video_row, shard=self.name, clips=len(clips)))
-        if len(self.index) >= self.shard_size:
+    def add_video(self, video_row: dict[str, Any], frames: list[int], mean: torch.Tensor, std: torch.Tensor) -> None:
+        key = str(len(self.index))
+        self.tensors[f"{key}.mean"] = mean.to(torch.float16).contiguous()
+        self.tensors[f"{key}.std"] = std.to(torch.float16).contiguous()
+        self.index.append({"id": video_row["id"], "frames": frames, "shard": self.name, "key": key})
+        self.videos.append(dict(video_row, shard=self.name, stored=len(frames)))
+        self.stored += len(frames)
+        if self.stored >= self.shard_size:
             self.flush()
 
     def flush(self) -> None:
@@ -338,7 +366,7 @@ class _ShardWriter:
             _append(self.root / "index.jsonl", self.index)
             self.number += 1
         _append(self.root / "videos.jsonl", self.videos)  # the commit
-        self.tensors, self.index, self.videos = {}, [], []
+        self.tensors, self.index, self.videos, self.stored = {}, [], [], 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -357,37 +385,29 @@ def run(args: argparse.Namespace) -> int:
     todo = [v for v in videos if v.id not in finished or finished[v.id].get("retry")]
     log.info("%d videos, %d already done, %d to encode", len(videos), len(videos) - len(todo), len(todo))
     writer = _ShardWriter(root, args.shard_size)
-    clips_per_call = max(1, args.batch_size // args.frames)
     encoded, started = 0, time.monotonic()
     bar = tqdm(todo, desc="latents", unit="video", dynamic_ncols=True)
     for video in bar:
         row: dict[str, Any] = {"id": video.id, "video": str(video.path)}
         try:
             total = frame_count(video.path)
-            starts = clip_starts(total, args.frames, args.stride, settings["clip_step"], args.clips_per_video)
+            frames = stored_frames(total, args.stride)
             row["frames"] = total
-            if not starts:
+            if len(frames) < args.frames:
                 row["skipped"] = (f"too short: {total} frames, a clip of {args.frames} frames at stride "
                                   f"{args.stride} needs {clip_span(args.frames, args.stride)}")
-                writer.videos.append(dict(row, shard=None, clips=0))
+                writer.videos.append(dict(row, shard=None, stored=0))
                 continue
-            clips, group = [], []
-            for start, pixels in read_clips(video.path, starts, args.frames, args.stride, args.size):
-                group.append((start, pixels))
-                if len(group) == clips_per_call or start == starts[-1]:
-                    mean, std = encode_frames(vae, np.concatenate([p for _, p in group]), args.batch_size)
-                    for i, (s, _) in enumerate(group):
-                        part = slice(i * args.frames, (i + 1) * args.frames)
-                        clips.append((s, clip_frames(s, args.frames, args.stride), mean[part], std[part]))
-                    group = []
+            pieces = [encode_frames(vae, pixels, args.batch_size)
+                      for pixels in read_stored(video.path, frames, args.size, args.batch_size)]
         except TrainingError as error:  # unreadable: listed, and retried by the next run
             row["skipped"], row["retry"] = str(error), True
-            writer.videos.append(dict(row, shard=None, clips=0))
+            writer.videos.append(dict(row, shard=None, stored=0))
             log.warning("skipped %s: %s", video.id, error)
             continue
-        writer.add_video(row, clips)
-        encoded += len(clips)
-        bar.set_postfix(clips=encoded, s_per_clip=f"{(time.monotonic() - started) / encoded:.2f}")
+        writer.add_video(row, frames, torch.cat([m for m, _ in pieces]), torch.cat([d for _, d in pieces]))
+        encoded += len(frames)
+        bar.set_postfix(frames=encoded, s_per_frame=f"{(time.monotonic() - started) / encoded:.3f}")
     writer.flush()
     _report(root, videos)
     return 0
@@ -396,9 +416,10 @@ def run(args: argparse.Namespace) -> int:
 def _report(root: Path, videos: Sequence[Any]) -> None:
     finished = _finished_videos(root)
     skipped = {vid: row["skipped"] for vid, row in finished.items() if row.get("skipped")}
-    clips = sum(row.get("clips") or 0 for row in finished.values())
+    stored = sum(row.get("stored") or 0 for row in finished.values())
     for vid, reason in sorted(skipped.items()):
         print(f"skipped {vid}: {reason}", flush=True)
-    print(f"{clips} clips from {len(finished) - len(skipped)} videos in {root} ({len(skipped)} skipped)", flush=True)
-    if clips == 0:
-        raise TrainingError(f"No clip was encoded from {len(videos)} videos: every video was skipped (see above).")
+    print(f"{stored} frames from {len(finished) - len(skipped)} videos in {root} ({len(skipped)} skipped)",
+          flush=True)
+    if stored == 0:
+        raise TrainingError(f"No frame was encoded from {len(videos)} videos: every video was skipped (see above).")

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..adapter.errors import TrainingError
 from .data import StepBatches, TrainingSet, collate
+from .lr_schedule import SCHEDULES, make_lr_scheduler
 from .sd15 import clip_penultimate, encode_prompts
 
 logger = logging.getLogger(__name__)
@@ -191,13 +192,15 @@ def build_adapter(unet: torch.nn.Module, image_encoder: torch.nn.Module, *, init
 
 
 def build_training_set(latents: str | Path, pool: str | Path, captions: str | Path, *, seed: int,
-                       null_text_rate: float, null_image_rate: float) -> TrainingSet:
+                       null_text_rate: float, null_image_rate: float,
+                       reference_exclude_window: int | None = None) -> TrainingSet:
     from .captions import load_captions
     from .face_pool import load_pool
     from .latents import LatentCache
 
     return TrainingSet(LatentCache(latents), load_pool(pool), load_captions(captions), seed=seed,
-                       null_text_rate=null_text_rate, null_image_rate=null_image_rate)
+                       null_text_rate=null_text_rate, null_image_rate=null_image_rate,
+                       reference_exclude_window=reference_exclude_window)
 
 
 # --- Loss log --------------------------------------------------------------------------------------
@@ -284,10 +287,40 @@ def resume_state(out: Path, resume: str | None) -> Path | None:
     return states[-1]
 
 
+STREAM_FILE = "data_stream.json"  # in each state folder: what its data stream depends on
+
+
+def data_stream(args: argparse.Namespace, world_size: int) -> dict[str, int]:
+    """The settings that decide which clips each optimizer step reads (data.StepBatches)."""
+    return {"world_size": world_size, "batch_size": args.batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed}
+
+
+def check_data_stream(state: Path, out: Path, stream: dict[str, int]) -> None:
+    """Refuse a resume whose processes, batch, accumulation or seed differ from the saved run's:
+    its steps would read other clips than the uninterrupted run (and the saved optimizer state
+    belongs to another effective batch)."""
+    path = state / STREAM_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+    elif (out / "args.json").is_file():  # a state saved before STREAM_FILE existed
+        saved = json.loads((out / "args.json").read_text())
+    else:
+        logger.warning("--resume: %s records no data-stream settings; not checked.", state)
+        return
+    flags = {"world_size": "processes (accelerate --num_processes)", "batch_size": "--batch-size",
+             "gradient_accumulation_steps": "--gradient-accumulation-steps", "seed": "--seed"}
+    changed = [f"{flags[key]} {saved[key]} -> {value}" for key, value in stream.items()
+               if key in saved and saved[key] != value]
+    if changed:
+        raise TrainingError(f"--resume from {state}: {'; '.join(changed)}. A resumed run must keep the saved "
+                            f"run's data stream; resume with the saved values, or start a new run "
+                            f"(another --out, --init from an export of this one).")
+
+
 def train(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     out = Path(args.out)
@@ -299,9 +332,13 @@ def train(args: argparse.Namespace) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     resume = resume_state(out, args.resume)
+    stream = data_stream(args, accelerator.num_processes)
+    if resume is not None:
+        check_data_stream(resume, out, stream)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "run"},
+        (out / "args.json").write_text(json.dumps({**{k: v for k, v in vars(args).items() if k != "run"},
+                                                   "world_size": accelerator.num_processes},
                                                   indent=1, default=str))
     dtype = DTYPES[accelerator.mixed_precision]
     frozen = build_frozen_models(args.checkpoint, args.motion_module, args.image_encoder, tokenizer=args.tokenizer,
@@ -313,9 +350,15 @@ def train(args: argparse.Namespace) -> int:
     adapter.to(accelerator.device, torch.float32)  # fp32 master weights; autocast computes in `dtype`
     adapter.install(frozen.unet)
     dataset = build_training_set(args.latents, args.pool, args.captions, seed=args.seed,
-                                 null_text_rate=args.null_text_rate, null_image_rate=args.null_image_rate)
+                                 null_text_rate=args.null_text_rate, null_image_rate=args.null_image_rate,
+                                 reference_exclude_window=args.reference_exclude_window)
     optimizer = make_optimizer(adapter, lr=args.lr, weight_decay=args.weight_decay)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps)
+    accum = args.gradient_accumulation_steps
+    batches = StepBatches(len(dataset), args.batch_size, seed=args.seed, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes)
+    max_steps = args.max_steps or math.ceil(args.num_epochs * batches.per_epoch / accum)
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, warmup_steps=args.lr_warmup_steps,
+                                     training_steps=max_steps, step_rules=args.lr_step_rules)
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared to tell it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
     model, optimizer = accelerator.prepare(adapter, optimizer)
@@ -324,10 +367,7 @@ def train(args: argparse.Namespace) -> int:
     if resume is not None:
         accelerator.load_state(str(resume))
         logger.info("Resumed from %s at step %d.", resume, progress.step)
-    accum = args.gradient_accumulation_steps
-    batches = StepBatches(len(dataset), args.batch_size, seed=args.seed, rank=accelerator.process_index,
-                          world_size=accelerator.num_processes, start=progress.step * accum)
-    max_steps = args.max_steps or math.ceil(args.num_epochs * batches.per_epoch / accum)
+    batches.start = progress.step * accum  # a resumed run draws on from where the state was saved
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                          num_workers=args.dataloader_workers,
                                          pin_memory=accelerator.device.type == "cuda")
@@ -343,6 +383,7 @@ def train(args: argparse.Namespace) -> int:
     bar = tqdm(total=max_steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     window: list[float] = []
+    frozen_at_start = fingerprint(frozen_tensors(frozen))
     batch_iter = iter(loader)
     started = time.monotonic() - progress.seconds
     while progress.step < max_steps:
@@ -374,11 +415,11 @@ def train(args: argparse.Namespace) -> int:
                 with loss_log.open("a") as log_file:
                     log_file.write(json.dumps(row) + "\n")
         if (args.save_every and progress.step % args.save_every == 0) or last:
-            save_state(accelerator, out, progress.step, args.keep_states)
+            save_state(accelerator, out, progress.step, args.keep_states, stream)
         if (args.export_every and progress.step % args.export_every == 0) or last:
             export(accelerator, model, out, progress.step)
     bar.close()
-    check_replicas(accelerator, accelerator.unwrap_model(model), frozen, out)
+    check_replicas(accelerator, accelerator.unwrap_model(model), frozen, out, frozen_at_start)
     if accelerator.is_main_process:
         plot_loss(read_loss_log(loss_log), out / "loss.png")
     accelerator.end_training()
@@ -399,7 +440,8 @@ def frozen_tensors(frozen: FrozenModels) -> dict[str, Tensor]:
             for key, value in getattr(frozen, name).state_dict().items()}
 
 
-def check_replicas(accelerator: Any, adapter: torch.nn.Module, frozen: FrozenModels, out: Path) -> None:
+def check_replicas(accelerator: Any, adapter: torch.nn.Module, frozen: FrozenModels, out: Path,
+                   expected_frozen: str | None = None) -> None:
     """Every process must end with the same adapter (DDP keeps replicas equal; a desync would
     train several models): fingerprints per process in RUN_DIR/replicas.json, checked here."""
     from accelerate.utils import gather_object
@@ -409,14 +451,33 @@ def check_replicas(accelerator: Any, adapter: torch.nn.Module, frozen: FrozenMod
     everyone = gather_object([mine])
     if accelerator.is_main_process:
         (out / "replicas.json").write_text(json.dumps(everyone, indent=1))
-    if len({entry["adapter"] for entry in everyone}) > 1:
+    compare_replicas(everyone, out, expected_frozen)
+
+
+def compare_replicas(entries: list[dict[str, Any]], out: Path, expected_frozen: str | None = None) -> None:
+    """Refuse replicas that differ: adapters between processes, frozen weights between processes
+    or against `expected_frozen` (their fingerprint when training started)."""
+    if len({entry["adapter"] for entry in entries}) > 1:
         raise TrainingError(f"The adapter differs between processes at the end of training ({out}/replicas.json): "
                             f"the gradient all-reduce did not run; check the accelerate config.")
+    frozen = {entry["frozen"] for entry in entries}
+    if len(frozen) > 1:
+        raise TrainingError(f"The frozen models differ between processes at the end of training "
+                            f"({out}/replicas.json): the processes loaded different files or one of them "
+                            f"changed its copy; give every process the same --checkpoint, --motion-module "
+                            f"and --image-encoder files.")
+    if expected_frozen is not None and frozen != {expected_frozen}:
+        raise TrainingError(f"The frozen models changed during training ({out}/replicas.json): something "
+                            f"trained or cast weights that must stay frozen; this run's exports are suspect.")
 
 
-def save_state(accelerator: Any, out: Path, step: int, keep: int) -> None:
-    """accelerate save_state (adapter, optimizer, lr schedule, progress, RNG) to state/step-<n>."""
-    accelerator.save_state(str(out / "state" / f"step-{step}"))
+def save_state(accelerator: Any, out: Path, step: int, keep: int, stream: dict[str, int]) -> None:
+    """accelerate save_state (adapter, optimizer, lr schedule, progress, RNG) to state/step-<n>,
+    with the settings its data stream depends on (STREAM_FILE, checked by --resume)."""
+    folder = out / "state" / f"step-{step}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / STREAM_FILE).write_text(json.dumps(stream, indent=1) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for old in saved_states(out)[:-keep] if keep > 0 else []:
@@ -424,13 +485,57 @@ def save_state(accelerator: Any, out: Path, step: int, keep: int) -> None:
         plot_loss(read_loss_log(out / "loss.jsonl"), out / "loss.png")
 
 
+def fp32_masters(accelerator: Any, adapter: torch.nn.Module) -> dict[str, Tensor] | None:
+    """Under DeepSpeed, the adapter's fp32 master weights by parameter name (None otherwise).
+
+    DeepSpeed runs the module in the compute dtype (bf16/fp16) and keeps the fp32 masters in the
+    optimizer's partitions (ZeRO-2 shards them across processes), so the module's own tensors are
+    rounded copies. `safe_get_full_fp32_param` gathers a parameter's master from every partition:
+    a collective, so every process calls it, for every parameter, in the same order. A parameter
+    the optimizer does not hold (frozen, e.g. the LoRA under --no-train-lora) has no master and
+    keeps the module's value."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, parameter in adapter.named_parameters():
+        master = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
+        masters[name] = (parameter if master is None else master).detach().to("cpu", torch.float32)
+    return masters
+
+
 def export(accelerator: Any, model: torch.nn.Module, out: Path, step: int) -> None:
-    """exports/step-<n>/animator.ckpt and animator.safetensors, verified by train/export.py."""
+    """exports/step-<n>/animator.ckpt and animator.safetensors, verified by train/export.py; the
+    fp32 master weights under DeepSpeed (`fp32_masters`), the module's fp32 tensors otherwise."""
     from .export import export_adapter
 
+    adapter = accelerator.unwrap_model(model)
+    masters = fp32_masters(accelerator, adapter)  # every process: a collective under DeepSpeed
     if accelerator.is_main_process:
-        export_adapter(accelerator.unwrap_model(model), out / "exports" / f"step-{step}")
+        if masters is None:
+            export_adapter(adapter, out / "exports" / f"step-{step}")
+        else:
+            export_adapter(adapter_with(adapter, masters), out / "exports" / f"step-{step}")
     accelerator.wait_for_everyone()
+
+
+def adapter_with(adapter: torch.nn.Module, tensors: dict[str, Tensor]) -> Any:
+    """The adapter's AdapterWeights with `tensors` (by parameter name) in place of its parameters,
+    leaving the module untouched: swap the tensors in, read the weights, swap them back."""
+    parameters = dict(adapter.named_parameters())
+    if set(parameters) != set(tensors):
+        raise TrainingError(f"The gathered weights name {len(tensors)} tensors, the adapter has {len(parameters)}.")
+    kept = {name: parameter.data for name, parameter in parameters.items()}
+    try:
+        for name, parameter in parameters.items():
+            parameter.data = tensors[name]
+        return adapter.to_weights()  # detached copies: nothing refers to the swapped tensors after
+    finally:
+        for name, parameter in parameters.items():
+            parameter.data = kept[name]
 
 
 # --- The command -----------------------------------------------------------------------------------
@@ -456,10 +561,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="probability of the null text (empty prompt) per sample, for CFG (paper: 0.2)")
     data.add_argument("--null-image-rate", type=float, default=0.0,
                       help="probability of the null face (zero normalised image) per sample (paper: 0)")
+    data.add_argument("--reference-exclude-window", type=int, metavar="MARGIN",
+                      help="draw the reference only among pool faces outside the clip's span (first to last "
+                      "sampled frame) widened by MARGIN frames each side (default: off, the paper's draw from "
+                      "the whole pool, which may pick a face from inside the clip)")
     data.add_argument("--dataloader-workers", type=int, default=2, help="data loading processes per GPU")
     adapter = parser.add_argument_group("adapter")
-    adapter.add_argument("--init", default="scratch", help="'scratch', an animator.ckpt to fine-tune, or an "
-                         "IP-Adapter-Plus SD1.5 file (the paper's start)")
+    adapter.add_argument("--init", required=True, help="where the adapter starts (required): an IP-Adapter-Plus "
+                         "SD1.5 file - the paper starts from IP-Adapter, i.e. ip-adapter-plus-face_sd15 - or an "
+                         "animator.ckpt to fine-tune, or the word 'scratch' (random Resampler; a Resampler "
+                         "trained from scratch learns little identity)")
     adapter.add_argument("--train-lora", action=argparse.BooleanOptionalAction, default=True,
                          help="train the attn2 LoRAs; --no-train-lora: face K/V + Resampler only (the "
                          "paper's text), the file still holds the (zero) LoRAs")
@@ -469,9 +580,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 1e-4)")
     optim.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    optim.add_argument("--lr-scheduler", default="constant", help="diffusers schedule name, e.g. constant, "
-                       "constant_with_warmup, cosine")
-    optim.add_argument("--lr-warmup-steps", type=int, default=0)
+    optim.add_argument("--lr-scheduler", default="constant", choices=SCHEDULES,
+                       help="diffusers learning-rate schedule over the run's optimizer steps (default constant; "
+                       "constant with a warmup is constant_with_warmup)")
+    optim.add_argument("--lr-warmup-steps", type=int, default=0,
+                       help="optimizer steps of linear warmup from 0 (default 0)")
+    optim.add_argument("--lr-step-rules", help="piecewise_constant only: 'multiplier:until-step,...,final "
+                       "multiplier', e.g. '1:1000,0.1:2000,0.01'")
     optim.add_argument("--batch-size", type=int, default=2, help="clips per GPU per micro-step (paper: 2)")
     optim.add_argument("--gradient-accumulation-steps", type=int, default=1)
     optim.add_argument("--max-steps", "--max-train-steps", dest="max_steps", type=int,

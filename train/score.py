@@ -11,6 +11,9 @@ For each video (a video file, or a folder of frames) and its reference photo(s):
 Writes OUT/videos/<id>.json (one per video, written last: a re-run with the same settings skips
 it), then OUT/scores.json, OUT/frames.csv, OUT/summary.csv, OUT/summary.md (also printed) and
 OUT/plots/<id>.png. Numbers are rounded to 6 decimals, so two runs give identical files.
+
+`--protocol opens2v` scores instead as OpenS2V-Eval does (train/opens2v.py): OUT/opens2v/<id>.json,
+OUT/opens2v.json and OUT/opens2v.md.
 """
 from __future__ import annotations
 
@@ -333,6 +336,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         type=str.lower, help="onnxruntime provider for detection and recognition")
     parser.add_argument("--device", default="auto", help="torch device for CLIP (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help="recompute videos already scored")
+    parser.add_argument("--protocol", default="pack", choices=["pack", "opens2v"],
+                        help="pack: this pack's scores (every --stride-th frame, misses left out); opens2v: "
+                             "OpenS2V-Eval's FaceSim (32 frames, ArcFace and CurricularFace side by side, "
+                             "comparable with its public leaderboard; see docs/scoring.md)")
+    parser.add_argument("--curricularface", type=Path, metavar="FILE",
+                        help="for --protocol opens2v: the CurricularFace IR-101 backbone "
+                             "(glint360k_curricular_face_r101_backbone.bin, a torch state dict) or its ONNX export")
 
 
 def _settings(args: argparse.Namespace, recognizer, detector, clip_path: Path | None) -> dict[str, Any]:
@@ -352,6 +362,10 @@ def run(args: argparse.Namespace) -> int:
     from ..adapter.face_detection import FaceDetector, resolve_providers
     from ..adapter.face_recognition import FaceRecognizer, detector_function
 
+    if args.protocol == "opens2v":
+        from .opens2v import run as run_opens2v
+
+        return run_opens2v(args)
     if args.stride < 1:
         raise TrainingError(f"--stride must be at least 1, got {args.stride}.")
     items = find_items(args.inputs)

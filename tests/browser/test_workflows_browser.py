@@ -11,7 +11,7 @@ from support import workflow_bed
 from support.workflow_bed import ui_format, workflow_spec
 
 NAMES = workflow_bed.workflow_names()
-OUR_TYPES = {"LoadIDAnimator", "FaceEncode", "IDMix", "ApplyFaceAdapter", "FaceSimilarity"}
+OUR_TYPES = {"LoadIDAnimator", "FaceEncode", "IDMix", "ApplyFaceAdapter", "IDA_LoadFaceScorer", "FaceSimilarity"}
 MISSING_SECTIONS = ("Missing Node Packs", "Missing Models", "Missing Inputs")
 
 

@@ -1,9 +1,9 @@
 """The `latents` command with the test bed's full-size random SD1.5 checkpoint, at 64x64 on CPU:
-synthetic videos whose frames carry their index (tests/support/videos.py) -> index rows with the
-right frames per clip; the stored mean and std equal the checkpoint VAE's posterior on the same
+synthetic videos whose frames carry their index (tests/support/videos.py) -> index rows with every
+stride-th frame of each video, each stored once; the stored mean and std equal the checkpoint VAE's posterior on the same
 centre-cropped pixels (fp32 within 1e-5 before storage; storage is one fp16 rounding); a rerun
 skips finished work and an interrupted shard is redone; too-short and unreadable videos are
-listed. Prints the encoding time per clip and the cache's read rate (clips/s) for BENCHMARKS."""
+listed. Prints the encoding time per frame and the cache's window read rate (clips/s) for BENCHMARKS."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from id_animator.train.latents import (LatentCache, centre_crop_resize, clip_frames, clip_starts, encode_frames,
-                                       to_pixels)
+from id_animator.train.latents import LatentCache, centre_crop_resize, encode_frames, stored_frames, to_pixels
 from id_animator.train.video import read_frames
 from support.videos import indexed_frames, write_video
 
@@ -63,20 +62,20 @@ def cache(import_root: Path, model_files, videos: Path, tmp_path_factory) -> tup
     return out, time.monotonic() - started, result.stdout
 
 
-def test_index_lists_each_clips_frames_and_skipped_videos(cache):
+def test_index_lists_every_stride_th_frame_once_and_skipped_videos(cache):
     out, _, stdout = cache
     index = rows(out / "index.jsonl")
-    expected = [f"a@{s}" for s in clip_starts(30, FRAMES, STRIDE)] + [f"people/b@{s}" for s in clip_starts(12, FRAMES, STRIDE)]
-    assert [row["clip"] for row in index] == expected == ["a@0", "a@10", "a@20", "people/b@0"]
-    for row in index:
-        assert row["frames"] == clip_frames(int(row["clip"].split("@")[1]), FRAMES, STRIDE)
-    assert [row["shard"] for row in index] == ["shard-00000.safetensors"] * 3 + ["shard-00001.safetensors"]
+    assert [row["id"] for row in index] == ["a", "people/b"]
+    assert index[0]["frames"] == stored_frames(30, STRIDE) == list(range(0, 30, STRIDE))  # 10 frames, 7 windows
+    assert index[1]["frames"] == stored_frames(12, STRIDE) == [0, 3, 6, 9]  # exactly one window
+    assert [row["shard"] for row in index] == ["shard-00000.safetensors", "shard-00001.safetensors"]
     videos = {row["id"]: row for row in rows(out / "videos.jsonl")}
-    assert videos["short"]["skipped"].startswith("too short: 6 frames") and videos["short"]["clips"] == 0
+    assert videos["short"]["skipped"].startswith("too short: 6 frames") and videos["short"]["stored"] == 0
     assert "Cannot read" in videos["broken"]["skipped"] and videos["broken"]["retry"]
-    assert "skipped short: too short" in stdout and "skipped broken" in stdout and "4 clips from 2 videos" in stdout
+    assert "skipped short: too short" in stdout and "skipped broken" in stdout and "14 frames from 2 videos" in stdout
     meta = json.loads((out / "meta.json").read_text())
-    assert (meta["frames"], meta["stride"], meta["size"], meta["scaling_factor"]) == (FRAMES, STRIDE, SIZE, 0.18215)
+    assert (meta["format"], meta["frames"], meta["stride"], meta["size"], meta["scaling_factor"]) == \
+        (2, FRAMES, STRIDE, SIZE, 0.18215)
 
 
 def test_stored_posterior_equals_the_vae_on_the_same_pixels(cache, model_files, videos: Path):
@@ -84,29 +83,31 @@ def test_stored_posterior_equals_the_vae_on_the_same_pixels(cache, model_files, 
 
     out, seconds, _ = cache
     latents = LatentCache(out)
-    clip = next(c for c in latents.clips if c.name == "a@10")
-    pixels = np.stack([centre_crop_resize(frame, SIZE) for _, frame in read_frames(videos / "a.mp4", clip.frames)])
+    video = next(v for v in latents.videos if v.video_id == "a")
+    pixels = np.stack([centre_crop_resize(frame, SIZE) for _, frame in read_frames(videos / "a.mp4", video.frames)])
     vae = load_vae(model_files[CHECKPOINT[0]][CHECKPOINT[1]])
     with torch.no_grad():
         posterior = vae.encode(to_pixels(pixels)).latent_dist
         again = vae.encode(to_pixels(pixels)).latent_dist
     assert torch.equal(posterior.mean, again.mean)  # encoding is deterministic
     started = time.perf_counter()
-    command_mean, command_std = encode_frames(vae, pixels, batch_size=2)  # the command's path, before storage
-    per_clip = time.perf_counter() - started
+    command_mean, command_std = encode_frames(vae, pixels, batch_size=8)  # the command's path, before storage
+    per_frame = (time.perf_counter() - started) / len(pixels)
     assert rel_err(command_mean, posterior.mean) <= 1e-5 and rel_err(command_std, posterior.std) <= 1e-5
-    mean, std = latents.load(clip)
-    assert mean.shape == std.shape == (FRAMES, 4, SIZE // 8, SIZE // 8) and mean.dtype == torch.float32
+    mean, std = latents.load(video)
+    assert mean.shape == std.shape == (10, 4, SIZE // 8, SIZE // 8) and mean.dtype == torch.float32
     # the command's fp32 result, rounded once to fp16, is what is stored: within one fp16 ulp
     assert rel_err(mean, posterior.mean) <= 1e-3 and rel_err(std, posterior.std) <= 1e-3
     assert torch.equal(mean, posterior.mean.half().float()) or \
         ((mean - posterior.mean).abs() <= posterior.mean.abs() * 2 ** -10 + 2 ** -24).all()
     assert (std > 0).all()
+    window = latents.load(video, 3, FRAMES)  # a training window: stored frames 3..6 = video frames 9..18
+    assert torch.equal(window[0], mean[3:3 + FRAMES]) and torch.equal(window[1], std[3:3 + FRAMES])
     # pixel check of the crop: the wide frame's centre third, never its stamped left edge
-    frame = next(f for _, f in read_frames(videos / "a.mp4", [10]))
-    assert np.array_equal(pixels[0], frame[:, 64:128])
-    print(f"latent encoding at {SIZE}x{SIZE} on CPU (1 thread): VAE {per_clip:.2f} s per {FRAMES}-frame clip "
-          f"({per_clip / FRAMES:.3f} s/frame); whole command {seconds / len(latents):.2f} s per clip incl. model load")
+    frame = next(f for _, f in read_frames(videos / "a.mp4", [9]))
+    assert np.array_equal(pixels[3], frame[:, 64:128])
+    print(f"latent encoding at {SIZE}x{SIZE} on CPU (1 thread): VAE {per_frame:.3f} s/frame; whole command "
+          f"{seconds / 14:.2f} s per stored frame incl. model load")
 
 
 def test_rerun_skips_finished_work_and_redoes_an_interrupted_shard(cache, import_root: Path, model_files, videos):
@@ -123,10 +124,10 @@ def test_rerun_skips_finished_work_and_redoes_an_interrupted_shard(cache, import
     kept = [line for line in lines if json.loads(line)["id"] != "people/b"]
     (out / "videos.jsonl").write_text("\n".join(kept) + "\n")
     index_before = (out / "index.jsonl").read_text()
-    assert len(LatentCache(out)) == 3  # readers see only committed videos
+    assert len(LatentCache(out)) == 1  # readers see only committed videos
     result = latents_cli(import_root, *args)
     assert result.returncode == 0 and "2 to encode" in result.stderr, result.stderr[-2000:]
-    assert (out / "index.jsonl").read_text() == index_before  # one row per clip, no duplicate
+    assert (out / "index.jsonl").read_text() == index_before  # one row per video, no duplicate
     assert (out / "shard-00001.safetensors").read_bytes() == shards["shard-00001.safetensors"][1]
     assert not list(out.glob("shard-00002*"))
 
@@ -139,8 +140,8 @@ def test_cache_read_rate(cache):
     latents = LatentCache(out)
     started, loads = time.perf_counter(), 0
     while time.perf_counter() - started < 1.0:
-        for clip in latents.clips:
-            mean, std = latents.load(clip)
+        for video in latents.videos:
+            mean, std = latents.load(video, 0, FRAMES)
             loads += 1
     rate = loads / (time.perf_counter() - started)
     print(f"latent cache read ({FRAMES}x4x{SIZE // 8}x{SIZE // 8} mean+std fp16 -> fp32): {rate:.0f} clips/s")

@@ -55,8 +55,10 @@ def chain(import_root: Path, model_files, scrfd_dir: Path, comfyui_dir: Path, tm
         (videos / f"person{number}.action.txt").write_text("she turns her head and smiles.")
 
     pool, captions, latents, run = root / "pool", root / "captions.jsonl", root / "latents", root / "run"
+    # --max-multi-face-share 1: person2 (half group frames) stays, to test the frame-level rejection
+    # (the video-level filter would drop it: tests/unit/test_train_face_pool.py)
     cli(import_root, "pool", videos, "--out", pool, "--detector", scrfd_dir / "models" / "scrfd.onnx",
-        "--faces-per-video", 3)
+        "--faces-per-video", 3, "--max-multi-face-share", 1)
     cli(import_root, "captions", videos, "--out", captions)
     cli(import_root, "latents", videos, "--checkpoint", model_files["checkpoints"]["sd15_random_full.safetensors"],
         "--out", latents, "--frames", 2, "--stride", 4, "--size", 64, "--device", "cpu")

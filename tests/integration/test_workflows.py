@@ -139,7 +139,7 @@ def test_id_image_runs_to_an_image(server, object_info, comfy_base):
 
 def test_help_pages_are_served_where_the_frontend_looks(server):
     """The frontend fetches /extensions/<pack folder>/docs/<node id>.md for a custom node's help."""
-    for node_id in ("LoadIDAnimator", "FaceEncode", "IDMix", "ApplyFaceAdapter", "FaceSimilarity"):
+    for node_id in ("LoadIDAnimator", "FaceEncode", "IDMix", "ApplyFaceAdapter", "IDA_LoadFaceScorer", "FaceSimilarity"):
         url = f"{server.url}/extensions/{workflow_bed.PACK_FOLDER}/docs/{node_id}.md"
         with urllib.request.urlopen(url, timeout=30) as reply:
             assert "text/html" not in reply.headers.get("Content-Type", ""), node_id

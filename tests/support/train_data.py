@@ -1,8 +1,8 @@
 """Training data written in the formats of the latents, pool and captions commands, for tests and
 benchmarks that read it back with the trainer's own loaders.
 
-- `write_latent_cache`: meta.json, shards of fp16 `<k>.mean` / `<k>.std`, index.jsonl and the
-  videos.jsonl commit record (train/latents.py);
+- `write_latent_cache`: meta.json, shards of fp16 `<k>.mean` / `<k>.std` (every stored frame of
+  a video), index.jsonl and the videos.jsonl commit record (train/latents.py, format 2);
 - `write_pool`: videos/<id>.json and 224x224 PNG crops (train/face_pool.py);
 - `write_captions`: captions.jsonl (train/captions.py).
 """
@@ -34,31 +34,32 @@ def gaussian_moments(seed: int = 0, *, mean: float | None = None, std: float | N
     return moments
 
 
-def write_latent_cache(folder: Path, clips: Iterable[tuple[str, Sequence[int]]], moments: Moments, *,
+def write_latent_cache(folder: Path, videos: Iterable[tuple[str, Sequence[int]]], moments: Moments, *,
                        frames: int, side: int, checkpoint: str, stride: int = 1,
-                       scaling_factor: float = SCALING_FACTOR, shard_clips: int | None = None) -> Path:
-    """LATENTS: each (video id, frame indices) clip gets (len(frames), 4, side, side) tensors from
-    `moments`, stored fp16; a shard holds `shard_clips` clips (all when None). `frames` and
-    `stride` are meta.json's settings."""
+                       scaling_factor: float = SCALING_FACTOR, shard_videos: int | None = None) -> Path:
+    """LATENTS (format 2): each (video id, stored frames) video gets (len(stored frames), 4, side,
+    side) tensors from `moments`, stored fp16; a shard holds `shard_videos` videos (all when
+    None). `frames` (the training window) and `stride` are meta.json's settings."""
     folder.mkdir(parents=True)
-    rows, tensors, shard, clip_counts = [], {}, 0, {}
-    for video_id, clip_frames in clips:
+    rows, tensors, shard, stored = [], {}, 0, {}
+    for video_id, video_frames in videos:
         key = str(len(tensors) // 2)
-        mean, std = moments((len(clip_frames), 4, side, side))
+        mean, std = moments((len(video_frames), 4, side, side))
         tensors[f"{key}.mean"], tensors[f"{key}.std"] = mean.half(), std.half()
-        rows.append({"clip": f"{video_id}@{clip_frames[0]}", "id": video_id, "frames": list(clip_frames),
-                     "shard": f"shard-{shard:05d}.safetensors", "key": key})
-        clip_counts[video_id] = clip_counts.get(video_id, 0) + 1
-        if len(tensors) // 2 == shard_clips:
+        rows.append({"id": video_id, "frames": list(video_frames), "shard": f"shard-{shard:05d}.safetensors",
+                     "key": key})
+        stored[video_id] = len(video_frames)
+        if len(tensors) // 2 == shard_videos:
             save_file(tensors, str(folder / f"shard-{shard:05d}.safetensors"))
             shard, tensors = shard + 1, {}
     if tensors:
         save_file(tensors, str(folder / f"shard-{shard:05d}.safetensors"))
     (folder / "index.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (folder / "videos.jsonl").write_text("".join(json.dumps({"id": v, "clips": n}) + "\n"  # the commit record
-                                                 for v, n in clip_counts.items()))
-    (folder / "meta.json").write_text(json.dumps({"frames": frames, "stride": stride, "size": side * 8,
-                                                  "scaling_factor": scaling_factor, "checkpoint": checkpoint}))
+    (folder / "videos.jsonl").write_text("".join(json.dumps({"id": v, "stored": n}) + "\n"  # the commit record
+                                                 for v, n in stored.items()))
+    (folder / "meta.json").write_text(json.dumps({"format": 2, "frames": frames, "stride": stride,
+                                                  "size": side * 8, "scaling_factor": scaling_factor,
+                                                  "checkpoint": checkpoint}))
     return folder
 
 

@@ -32,7 +32,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 FRAMES, SIDE = 2, 8
-CLIPS = {"actor/a": [[0, 1], [10, 11]], "actor/b": [[0, 1], [20, 21]]}
+VIDEOS = {"actor/a": [0, 4, 8, 12], "actor/b": [0, 4, 8, 12, 16]}  # stored frames (stride 4): 2 + 2 items
 POOL = {"actor/a": [1, 5, 30], "actor/b": [3, 40]}
 
 
@@ -52,12 +52,11 @@ def write_models(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
 
 
 def write_data(root: Path) -> dict[str, Path]:
-    """LATENTS, POOL and CAPTIONS in the plan's formats (4 clips of 2 videos), crops of noise."""
-    clips = [(video_id, frames) for video_id, video_clips in CLIPS.items() for frames in video_clips]
-    latents = write_latent_cache(root / "latents", clips, gaussian_moments(1, std_scale=0.1), frames=FRAMES,
-                                 side=SIDE, checkpoint="sd15")
+    """LATENTS, POOL and CAPTIONS in the plan's formats (2 videos, 4 random windows an epoch), crops of noise."""
+    latents = write_latent_cache(root / "latents", list(VIDEOS.items()), gaussian_moments(1, std_scale=0.1),
+                                 frames=FRAMES, side=SIDE, checkpoint="sd15", stride=4)
     pool = write_pool(root / "pool", POOL, lambda _, frame: Image.effect_noise((224, 224), 40 + frame).convert("RGB"))
-    captions = write_captions(root / "captions.jsonl", {v: f"person {v[-1]} walks" for v in CLIPS})
+    captions = write_captions(root / "captions.jsonl", {v: f"person {v[-1]} walks" for v in VIDEOS})
     adapter_config = root / "adapter.json"
     adapter_config.write_text(json.dumps(TINY_ADAPTER))
     return {"latents": latents, "pool": pool, "captions": captions, "adapter_config": adapter_config}
@@ -75,7 +74,9 @@ def files(tmp_path_factory, comfyui_dir: Path) -> dict[str, Path]:
     return {**write_models(root, comfyui_dir / "comfy" / "sd1_tokenizer"), **write_data(root)}
 
 
-def launch(files: dict[str, Path], out: Path, import_root: Path, max_steps: int, *extra: str) -> float:
+def launch(files: dict[str, Path], out: Path, import_root: Path, max_steps: int, *extra: str,
+           refused: str | None = None) -> float:
+    """Run `train` in 2 processes; with `refused`, expect it to fail with that message."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                "-m", "id_animator.train", "train",
@@ -85,12 +86,16 @@ def launch(files: dict[str, Path], out: Path, import_root: Path, max_steps: int,
                "--adapter-config", str(files["adapter_config"]), "--out", str(out),
                "--batch-size", "1", "--max-steps", str(max_steps), "--save-every", "1", "--log-every", "1",
                "--export-every", "0", "--mixed-precision", "no", "--dataloader-workers", "0",
-               "--report-to", "none", "--lr", "1e-3", "--seed", "3", *extra]
+               "--report-to", "none", "--lr", "1e-3", "--seed", "3", "--init", "scratch",
+               "--lr-warmup-steps", "1", *extra]
     env = {**os.environ, "PYTHONPATH": str(import_root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "ACCELERATE_USE_CPU": "1"}
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - started
+    if refused is not None:
+        assert result.returncode != 0 and refused in result.stderr, result.stderr[-4000:]
+        return seconds
     assert result.returncode == 0, f"train failed ({result.returncode}):\n{result.stderr[-6000:]}"
     return seconds
 
@@ -129,3 +134,15 @@ def test_two_processes_agree_keep_frozen_weights_and_resume_exactly(files, tmp_p
     assert len(set(expected.values())) == 3
     resumed_replicas = json.loads((split / "replicas.json").read_text())
     assert resumed_replicas[0]["adapter"] == replicas[0]["adapter"]
+    # The warmup (constant with 1 warmup step = constant_with_warmup): step 1 ran at lr 0, so the
+    # adapter after it is still the initial one; the steps after ran at the full lr.
+    from id_animator.train.loop import build_adapter
+
+    initial = build_adapter(loaded.unet, loaded.image_encoder, init="scratch", seed=3, overrides=TINY_ADAPTER)
+    assert fingerprint(first) == fingerprint(initial.state_dict()), "step 1 trained: the warmup was ignored"
+    rows = [json.loads(line) for line in (whole / "loss.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows] == [1e-3, 1e-3, 1e-3]  # the lr after each step's update
+    assert json.loads((whole / "state" / "step-3" / "data_stream.json").read_text()) == {
+        "world_size": 2, "batch_size": 1, "gradient_accumulation_steps": 1, "seed": 3}
+    # A resume with another batch size would read other clips: refused, naming the change.
+    launch(files, split, import_root, 4, "--resume", "--batch-size", "2", refused="--batch-size 1 -> 2")

@@ -2,7 +2,9 @@
 
 The astronaut photo holds one face, the Solvay conference photo 29: frames made of the first must
 enter a pool, frames made of the second never. Every frame carries its index (support/videos.py),
-so a crop can be traced to the frame it came from.
+so a crop can be traced to the frame it came from. The frame-level tests pool with the video-level
+filter off (KEEP_ALL), so a video mixing both kinds of frames keeps its single-face frames; the
+filter itself is tested on a two-person video with some single-face frames.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ import numpy as np
 import pytest
 
 from id_animator.adapter.errors import TrainingError
-from id_animator.adapter.face_detection import FaceDetector, align_face, resolve_providers
+from id_animator.adapter.face_detection import FaceDetector, detect_and_align, resolve_providers
 from id_animator.train import cli
 from id_animator.train.face_pool import (
-    PoolFace, PoolSettings, dropped_videos, load_pool, parse_shard, pool_video, read_record,
-    select_shard, shuffled_order, video_seed,
+    MAX_MULTI_FACE_SHARE, PoolFace, PoolSettings, dropped_videos, load_pool, multi_face_share, parse_shard,
+    pool_video, read_record, select_shard, shuffled_order, video_seed,
 )
 from id_animator.train.video import Video, read_frames
 from support.videos import face_video_frames, indexed_frames, read_index, write_video
@@ -34,6 +36,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:`estimate` is deprecated:Future
               pytest.mark.usefixtures("one_torch_thread")]
 
 SIZE = 256
+KEEP_ALL = ("--max-multi-face-share", "1")  # the video-level filter off: frame-level behaviour alone
+PAIR_FRAMES, PAIR_SINGLE = 16, (1, 6, 11, 14)  # pair.mp4: two people except in these frames
 MIXED_FACE_FRAMES = (2, 7, 13)  # astronaut frames of mixed.mp4; the other 13 are Solvay
 MIXED_FRAMES = 16
 
@@ -73,7 +77,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory, scrfd_dir: Path) -> Path:
 
 
 def _pool_cli(*args: str | Path) -> int:
-    return cli.main(["pool", *map(str, args)])
+    return cli.main(["pool", *map(str, args), *KEEP_ALL])
 
 
 @pytest.fixture(scope="module")
@@ -120,20 +124,68 @@ def test_videos_without_a_single_face_frame_are_dropped_and_listed(pool: Path) -
 
 def test_crops_are_the_inference_crop_of_the_decoded_frame(pool: Path, videos: Path,
                                                            detector: FaceDetector) -> None:
+    """Each crop is FaceEncode's: `detect_and_align` (the node's function: 320 first, its face
+    selection) on the decoded frame; the frame was counted as one face at --det-size 640.
+    (The test bed's SCRFD export has a fixed 640x640 input, so here both detections run at 640.)"""
     checked = 0
     for video_id, faces in load_pool(pool).items():
         for face in faces:
             rgb = _frame(videos / f"{video_id}.mp4", face.frame)
             assert read_index(rgb) == face.frame  # the record names the frame the crop came from
-            found = detector.detect(rgb, 640)
-            assert len(found) == 1
-            expected = align_face(rgb, found[0].kps)
+            assert len(detector.detect(rgb, 640)) == 1
+            expected = detect_and_align(detector, rgb)
             crop = np.asarray(Image.open(face.crop).convert("RGB"))
             assert crop.shape == (224, 224, 3)
-            np.testing.assert_array_equal(crop, expected)
-            np.testing.assert_allclose(face.box, found[0].bbox, atol=1e-3)
+            np.testing.assert_array_equal(crop, expected.crop)
+            np.testing.assert_allclose(face.box, expected.face.bbox, atol=1e-3)
             checked += 1
     assert checked == 5 + 3 + 3
+
+
+@pytest.fixture(scope="module")
+def pair_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pair.mp4: 16 frames of two people side by side (the astronaut and her mirror image, 512x256);
+    in the frames PAIR_SINGLE the right one is replaced by a faceless background."""
+    astronaut = skimage_data.astronaut()
+    left = face_video_frames(astronaut, PAIR_FRAMES, size=SIZE, stamp=False, seed=3)
+    right = face_video_frames(astronaut[:, ::-1], PAIR_FRAMES, size=SIZE, stamp=False, seed=4)
+    empty = indexed_frames(1, size=(SIZE, SIZE), seed=5)[0]
+    from support.videos import stamp_index
+
+    frames = [stamp_index(np.concatenate([left[i], empty if i in PAIR_SINGLE else right[i]], axis=1), i)
+              for i in range(PAIR_FRAMES)]
+    return write_video(tmp_path_factory.mktemp("pair") / "pair.mp4", frames)
+
+
+def test_videos_of_several_people_are_dropped_with_their_counts(pair_video: Path, videos: Path,
+                                                                 detector: FaceDetector, tmp_path: Path) -> None:
+    """Paper §4.1: a two-person video is dropped although 4 of its frames show one face; the
+    record keeps the counts. Without the filter the same walk keeps those 4 frames."""
+    decisions = {}
+    for name, path in (("pair", pair_video), ("mixed", videos / "mixed.mp4"), ("astro/a1", videos / "astro" / "a1.mp4")):
+        record = pool_video(Video(path, name), detector, tmp_path / "filtered", PoolSettings())
+        decisions[name] = record
+        print(f"{name}: tried {record['tried']}, rejected {record['rejected']}, multi-face share "
+              f"{record['multi_face_share']}, dropped: {record['dropped']}")
+    pair = decisions["pair"]
+    several = PAIR_FRAMES - len(PAIR_SINGLE)
+    assert pair["tried"] == PAIR_FRAMES and pair["rejected"] == {"no_face": 0, "several_faces": several}
+    assert pair["multi_face_share"] == round(several / PAIR_FRAMES, 4) > MAX_MULTI_FACE_SHARE
+    assert pair["faces"] == [] and not (tmp_path / "filtered" / "crops" / "pair").exists()
+    assert pair["dropped"] == (f"several people: {several} of {PAIR_FRAMES} examined frames with a face show two "
+                               f"or more faces ({several / PAIR_FRAMES:.0%} > --max-multi-face-share 0.2)")
+    assert decisions["mixed"]["dropped"].startswith("several people: 13 of 16 examined frames")
+    assert decisions["astro/a1"]["dropped"] is None and decisions["astro/a1"]["multi_face_share"] == 0
+    assert sorted(load_pool(tmp_path / "filtered")) == ["astro/a1"]
+    assert dropped_videos(tmp_path / "filtered")["pair"] == pair["dropped"]
+    kept = pool_video(Video(pair_video, "pair"), detector, tmp_path / "all", PoolSettings(max_multi_face_share=1.0))
+    assert kept["dropped"] is None and sorted(f["frame"] for f in kept["faces"]) == list(PAIR_SINGLE)
+    assert kept["rejected"] == pair["rejected"]  # the same walk: only the decision differs
+
+
+def test_the_multi_face_threshold():
+    assert multi_face_share(5, 0) == 0 and multi_face_share(0, 0) == 0 and multi_face_share(0, 3) == 1
+    assert multi_face_share(5, 1) <= MAX_MULTI_FACE_SHARE < multi_face_share(5, 2)  # the documented rule
 
 
 def test_frames_are_taken_in_the_seeded_shuffle(pool: Path, videos: Path, detector: FaceDetector,
@@ -218,7 +270,7 @@ def test_two_workers_give_the_same_pool_as_one(pool: Path, videos: Path, scrfd_o
                                                tmp_path: Path, import_root: Path) -> None:
     out = tmp_path / "two"
     done = _run_module(import_root, "pool", videos, "--out", out, "--detector", scrfd_onnx,
-                       "--workers", "2", "--provider", "cpu")
+                       "--workers", "2", "--provider", "cpu", *KEEP_ALL)
     assert done.returncode == 0, done.stderr
     assert "face pool" in done.stderr  # the progress bar
     assert _records(out) == _records(pool)
@@ -231,7 +283,8 @@ def test_two_workers_give_the_same_pool_as_one(pool: Path, videos: Path, scrfd_o
 def test_help_names_every_option(import_root: Path) -> None:
     done = _run_module(import_root, "pool", "--help")
     assert done.returncode == 0, done.stderr
-    for option in ("--detector", "--workers", "--shard", "--faces-per-video", "--seed", "--provider"):
+    for option in ("--detector", "--workers", "--shard", "--faces-per-video", "--seed", "--provider",
+                   "--max-multi-face-share"):
         assert option in done.stdout
 
 

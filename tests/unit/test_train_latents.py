@@ -1,7 +1,8 @@
-"""The latent cache without the full-size checkpoint: which frames make a clip (synthetic videos
-whose frames carry their index), the centre crop and resize against a direct computation, the
-VAE posterior through a tiny random AutoencoderKL, shards written and read back, resume after an
-interrupted shard, and the command's --help and bad inputs. The command on the generated SD1.5
+"""The latent cache without the full-size checkpoint: which frames are stored (every stride-th,
+each once; synthetic videos whose frames carry their index), the centre crop and resize against a
+direct computation, the VAE posterior through a tiny random AutoencoderKL, shards written and
+read back (a window reads only its rows), resume after an interrupted shard, the refusal of a
+format-1 cache, and the command's --help and bad inputs. The command on the generated SD1.5
 checkpoint is tests/integration/test_train_latents.py."""
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import torch
 from PIL import Image
 
 from id_animator.train import latents
-from id_animator.train.latents import (Clip, LatentCache, _ShardWriter, _start_folder, centre_crop_resize,
-                                       clip_frames, clip_starts, encode_frames, read_clips, to_pixels)
+from id_animator.train.latents import (CachedVideo, LatentCache, _ShardWriter, _start_folder, centre_crop_resize,
+                                       clip_frames, encode_frames, read_stored, stored_frames, to_pixels)
 from support.videos import indexed_frames, read_index, write_video
 
 torch.set_num_threads(1)
@@ -38,25 +39,23 @@ def tiny_vae():
                          latent_channels=4).eval()
 
 
-def test_clip_starts_cover_the_video_without_overlap_by_default():
-    assert clip_starts(40, frames=8, stride=2) == [0, 15]  # span 15: starts 0, 15 (30 + 15 > 40)
-    assert clip_starts(44, frames=8, stride=2) == [0, 15]
-    assert clip_starts(45, frames=8, stride=2) == [0, 15, 30]
-    assert clip_starts(14, frames=8, stride=2) == []  # too short for one clip
-    assert clip_starts(16, frames=16, stride=1) == [0]
-    assert clip_starts(20, frames=4, stride=1, clip_step=2) == [0, 2, 4, 6, 8, 10, 12, 14, 16]
-    assert clip_starts(100, frames=4, stride=1, clips_per_video=3) == [0, 48, 96]  # spread evenly
+def test_every_stride_th_frame_is_stored_once():
+    assert stored_frames(40, 4) == list(range(0, 40, 4))  # 10 frames: 7 overlapping 4-frame windows
+    assert stored_frames(3, 4) == [0]
     assert clip_frames(15, 4, 3) == [15, 18, 21, 24]
+    video = CachedVideo("v", tuple(stored_frames(40, 4)), "shard-00000.safetensors", "0")
+    assert video.windows(4) == 7 and video.windows(10) == 1 and video.windows(11) == 0
 
 
-def test_read_clips_gives_the_indexed_frames(tmp_path: Path):
+def test_read_stored_gives_the_indexed_frames_in_chunks(tmp_path: Path):
     video = write_video(tmp_path / "v.mp4", indexed_frames(37, size=(160, 160)))
-    starts = clip_starts(37, frames=5, stride=3, clip_step=7)
-    clips = list(read_clips(video, starts, frames=5, stride=3, size=160))  # square and same size: no resampling
-    assert [start for start, _ in clips] == starts == [0, 7, 14, 21]
-    for start, pixels in clips:
-        assert pixels.shape == (5, 160, 160, 3) and pixels.dtype == np.uint8
-        assert [read_index(frame) for frame in pixels] == clip_frames(start, 5, 3)
+    frames = stored_frames(37, 3)
+    pieces = list(read_stored(video, frames, size=160, chunk=5))  # square and same size: no resampling
+    assert [len(piece) for piece in pieces] == [5, 5, 3]
+    assert all(piece.shape[1:] == (160, 160, 3) and piece.dtype == np.uint8 for piece in pieces)
+    assert [read_index(frame) for piece in pieces for frame in piece] == frames
+    with pytest.raises(latents.TrainingError, match="ended before frame 39"):
+        list(read_stored(video, [*frames, 39], size=160, chunk=5))
 
 
 def test_centre_crop_resize_equals_a_direct_computation():
@@ -89,53 +88,65 @@ def _fake_clip(seed: int, frames: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(frames, 4, 2, 2, generator=gen), torch.rand(frames, 4, 2, 2, generator=gen) + 0.1
 
 
+SETTINGS = {"format": 2, "frames": 3, "stride": 1, "size": 16, "scaling_factor": 0.18215,
+            "checkpoint": "x.safetensors", "checkpoint_bytes": 1}
+
+
 def _meta(root: Path) -> None:
-    _start_folder(root, {"format": 1, "frames": 3, "stride": 1, "clip_step": 3, "clips_per_video": None, "size": 16,
-                         "scaling_factor": 0.18215, "checkpoint": "x.safetensors", "checkpoint_bytes": 1})
+    _start_folder(root, dict(SETTINGS))
 
 
 def test_shards_round_trip_and_resume_drops_an_interrupted_shard(tmp_path: Path):
     root = tmp_path / "cache"
     _meta(root)
-    writer = _ShardWriter(root, shard_size=2)
+    writer = _ShardWriter(root, shard_size=8)  # stored frames per shard
     stored = {}
     for n, vid in enumerate(["a", "b", "c"]):
-        clips = [(s, clip_frames(s, 3, 1), *_fake_clip(10 * n + s)) for s in (0, 3)][: 1 + n % 2]
-        stored.update({f"{vid}@{s}": (m, d) for s, _, m, d in clips})
-        writer.add_video({"id": vid, "video": f"{vid}.mp4"}, clips)
-    writer.videos.append({"id": "short", "video": "short.mp4", "skipped": "too short", "shard": None, "clips": 0})
+        count = (5, 4, 6)[n]
+        mean, std = _fake_clip(n, frames=count)
+        stored[vid] = (mean, std)
+        writer.add_video({"id": vid, "video": f"{vid}.mp4"}, list(range(count)), mean, std)
+    writer.videos.append({"id": "short", "video": "short.mp4", "skipped": "too short", "shard": None, "stored": 0})
     writer.flush()
     cache = LatentCache(root)
-    assert cache.scaling_factor == 0.18215
-    assert [c.name for c in cache.clips] == ["a@0", "b@0", "b@3", "c@0"]
-    assert [c.shard for c in cache.clips] == ["shard-00000.safetensors"] * 3 + ["shard-00001.safetensors"]
-    assert cache.clips[2] == Clip("b@3", "b", (3, 4, 5), "shard-00000.safetensors", "2")
-    for clip in cache.clips:
-        mean, std = cache.load(clip)
-        assert mean.dtype == torch.float32 and mean.shape == (3, 4, 2, 2)
-        assert torch.equal(mean, stored[clip.name][0].half().float())  # fp16 storage, nothing else
-        assert torch.equal(std, stored[clip.name][1].half().float())
-    sample = cache.sample(cache.clips[0], torch.Generator().manual_seed(0))
+    assert cache.scaling_factor == 0.18215 and cache.window == 3
+    assert [v.video_id for v in cache.videos] == ["a", "b", "c"]
+    assert [v.shard for v in cache.videos] == ["shard-00000.safetensors"] * 2 + ["shard-00001.safetensors"]
+    assert cache.videos[1] == CachedVideo("b", (0, 1, 2, 3), "shard-00000.safetensors", "1")
+    for video in cache.videos:
+        mean, std = cache.load(video)
+        assert mean.dtype == torch.float32 and mean.shape == (len(video.frames), 4, 2, 2)
+        assert torch.equal(mean, stored[video.video_id][0].half().float())  # fp16 storage, nothing else
+        assert torch.equal(std, stored[video.video_id][1].half().float())
+        window = cache.load(video, 1, 3)  # a window reads its rows only
+        assert torch.equal(window[0], mean[1:4]) and torch.equal(window[1], std[1:4])
+    sample = cache.sample(cache.videos[0], 2, torch.Generator().manual_seed(0))
     eps = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
-    mean, std = cache.load(cache.clips[0])
+    mean, std = cache.load(cache.videos[0], 2, 3)
     assert torch.allclose(sample, (mean + std * eps) * 0.18215)
+    with pytest.raises(latents.TrainingError, match="outside the 5 stored frames of a"):
+        cache.load(cache.videos[0], 3, 3)
 
     # an interruption after shard 1 was written and indexed, before its videos were committed
     lines = (root / "videos.jsonl").read_text().splitlines()
     (root / "videos.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # and a line cut short
-    assert [c.name for c in LatentCache(root).clips] == ["a@0", "b@0", "b@3"]  # readers ignore it too
+    assert [v.video_id for v in LatentCache(root).videos] == ["a", "b"]  # readers ignore it too
     _meta(root)
     index = [json.loads(line) for line in (root / "index.jsonl").read_text().splitlines()]
-    assert [row["clip"] for row in index] == ["a@0", "b@0", "b@3"]
-    assert _ShardWriter(root, 2).name == "shard-00001.safetensors"  # the orphan shard is rewritten
+    assert [row["id"] for row in index] == ["a", "b"]
+    assert _ShardWriter(root, 8).name == "shard-00001.safetensors"  # the orphan shard is rewritten
 
 
-def test_a_changed_setting_is_refused(tmp_path: Path):
+def test_a_changed_setting_and_a_format_1_cache_are_refused(tmp_path: Path):
     _meta(tmp_path)
     with pytest.raises(latents.TrainingError, match=r"other settings \(size: 16 -> 32\)"):
-        _start_folder(tmp_path, {"format": 1, "frames": 3, "stride": 1, "clip_step": 3, "clips_per_video": None,
-                                 "size": 32, "scaling_factor": 0.18215, "checkpoint": "x.safetensors",
-                                 "checkpoint_bytes": 1})
+        _start_folder(tmp_path, {**SETTINGS, "size": 32})
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "meta.json").write_text(json.dumps({**SETTINGS, "format": 1, "clip_step": 3}))
+    for action in (lambda: _start_folder(old, dict(SETTINGS)), lambda: LatentCache(old)):
+        with pytest.raises(latents.TrainingError, match=r"format 1 \(fixed clips\).*--out NEW_FOLDER"):
+            action()
 
 
 def test_not_a_cache_says_how_to_make_one(tmp_path: Path):
@@ -152,9 +163,10 @@ def _cli(import_root: Path, *args: str) -> subprocess.CompletedProcess:
 def test_cli_help_names_every_flag(import_root: Path):
     result = _cli(import_root, "--help")
     assert result.returncode == 0, result.stderr
-    for flag in ("--checkpoint", "--out", "--frames", "--stride", "--clip-step", "--clips-per-video", "--size",
-                 "--batch-size", "--shard-size", "--device", "--dtype"):
+    for flag in ("--checkpoint", "--out", "--frames", "--stride", "--size", "--batch-size", "--shard-size",
+                 "--device", "--dtype"):
         assert flag in result.stdout
+    assert "--clip-step" not in result.stdout  # windows are drawn by the trainer
 
 
 @pytest.mark.parametrize("args, message", [
