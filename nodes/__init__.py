@@ -11,10 +11,15 @@ from .id_mix import IDMix
 from .load_dwpose import LoadDWPose
 from .load_face_scorer import LoadFaceScorer
 from .load_id_animator import LoadIDAnimator
+from .load_unianimate import LoadUniAnimate
+from .unianimate_conditioning import UniAnimateConditioning
+from .unianimate_frames import UniAnimateLatentFrames
 from .unianimate_pose import UniAnimatePose
+from .unianimate_windows import UniAnimateContextWindows
 
 NODES: list[type[io.ComfyNode]] = [LoadIDAnimator, FaceEncode, IDMix, ApplyFaceAdapter, LoadFaceScorer,
-                                   FaceSimilarity, LoadDWPose, UniAnimatePose]
+                                   FaceSimilarity, LoadDWPose, UniAnimatePose, LoadUniAnimate,
+                                   UniAnimateConditioning, UniAnimateLatentFrames, UniAnimateContextWindows]
 
 
 class IDAnimatorExtension(ComfyExtension):

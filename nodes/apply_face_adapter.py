@@ -11,6 +11,7 @@ from ..adapter.identity import FaceEmbeds, require_adapter
 from ..adapter.layer_map import LAYERS, TEXT_CONTEXT_DIM
 from ..adapter.lora import attn2_lora_pairs
 from .attention_patch import FaceAttentionPatch
+from .unianimate_model import UniAnimateModel
 from .types import FACE_EMBEDS, ID_ANIMATOR, IDAnimator
 
 # model_options key: fingerprints of the adapters whose LoRA this model already carries (the
@@ -20,6 +21,13 @@ LORA_MARK = "id_animator_lora"
 
 def check_sd15(model) -> None:
     """Refuse models whose cross-attention is not SD1.5-shaped before anything is patched."""
+    if isinstance(model.model, UniAnimateModel):
+        raise IDAnimatorError(
+            "ApplyFaceAdapter cannot patch a UniAnimate MODEL: its cross-attention is 1024 wide (OpenCLIP "
+            "ViT-H text and image tokens) and the ID-Animator face adapter was trained for SD1.5's 768; no "
+            "face adapter has been trained for UniAnimate yet. UniAnimate keeps the person from the "
+            "reference photo by itself: give that photo to UniAnimateConditioning, and score the result "
+            "with FaceSimilarity.")
     state = model.model.state_dict()
     wrong = []
     for layer in LAYERS:

@@ -1,6 +1,7 @@
-"""Model folders: `models/id_animator/` and `models/dwpose/` (the two DWPose ONNX files UniAnimate's
-pose extraction uses), registered and remappable in extra_model_paths.yaml, and insightface packs
-under `models/insightface/models/<pack>/`, where IPAdapter_plus users keep them."""
+"""Model folders: `models/id_animator/`, `models/unianimate/` (the UniAnimate UNet) and
+`models/dwpose/` (the two DWPose ONNX files UniAnimate's pose extraction uses), registered and
+remappable in extra_model_paths.yaml, and insightface packs under
+`models/insightface/models/<pack>/`, where IPAdapter_plus users keep them."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import folder_paths
 ADAPTER_FOLDER = "id_animator"
 INSIGHTFACE_FOLDER = "insightface"
 ADAPTER_EXTENSIONS = {".ckpt", ".pt", ".pth", ".bin", ".safetensors"}
+UNIANIMATE_FOLDER = "unianimate"  # the UniAnimate UNet (models/unianimate/)
 DWPOSE_FOLDER = "dwpose"
 DWPOSE_EXTENSIONS = {".onnx"}
 
@@ -17,7 +19,7 @@ DWPOSE_EXTENSIONS = {".onnx"}
 def register() -> None:
     """Idempotent: adds our folder names with their default paths and accepted extensions."""
     for name, exts in ((ADAPTER_FOLDER, ADAPTER_EXTENSIONS), (INSIGHTFACE_FOLDER, set()),
-                       (DWPOSE_FOLDER, DWPOSE_EXTENSIONS)):
+                       (UNIANIMATE_FOLDER, ADAPTER_EXTENSIONS), (DWPOSE_FOLDER, DWPOSE_EXTENSIONS)):
         default = os.path.join(folder_paths.models_dir, name)
         if name not in folder_paths.folder_names_and_paths:
             folder_paths.add_model_folder_path(name, default, is_default=True)
@@ -29,6 +31,10 @@ def register() -> None:
 
 def adapter_files() -> list[str]:
     return folder_paths.get_filename_list(ADAPTER_FOLDER)
+
+
+def unianimate_files() -> list[str]:
+    return folder_paths.get_filename_list(UNIANIMATE_FOLDER)
 
 
 def dwpose_files() -> list[str]:
