@@ -21,7 +21,7 @@ from id_animator.train.latents import (Clip, LatentCache, _ShardWriter, _start_f
                                        clip_frames, clip_starts, encode_frames, read_clips, to_pixels)
 from support.videos import indexed_frames, read_index, write_video
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
