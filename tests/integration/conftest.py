@@ -1,9 +1,15 @@
 """Fixtures for tests inside a real ComfyUI 0.30.0: generated models, a base folder with this
 pack installed, an in-process executor and an HTTP server.
 
-Memory (a 16 GB machine must run the whole suite): tests that use the in-process ComfyUI run
-first, then those that use the HTTP server, and each is released right after its last test (the
-in-process one also after each module), so at most one ComfyUI holds models at any time."""
+Memory (the whole suite must stay under 12 GB): tests that use the in-process ComfyUI run first,
+then those that use the HTTP server (tests/conftest.py orders them), and each is released right
+after its last test in a row, so at most one ComfyUI holds models at any time. The in-process one
+keeps its output cache from module to module: ComfyUI drops a cached output as soon as a prompt
+no longer uses it (before running that prompt), so the next module's graph reuses the loaders it
+shares with the last one and no more than one graph's models stay loaded. A module whose first
+tests run without ComfyUI (the training chain, the trainer's SD1.5 loaders) therefore starts with
+the in-process ComfyUI released. The identity bed (support/identity_bed.py) is released after its
+last user in the same way."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,9 +18,10 @@ import pytest
 
 from support.harness import InProcessComfy, OnDemandServer, make_base
 from support import models, photos
+from support.identity_bed import IdentityBed
 
 REPO = Path(__file__).resolve().parents[2]
-RELEASED_AFTER_LAST_USE = ("comfy", "http_comfy")
+RELEASED_AFTER_LAST_USE = ("identity_bed", "comfy", "http_comfy")  # the bed first: it holds comfy's models
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +43,12 @@ def comfy(comfyui_dir, comfy_base) -> InProcessComfy:
 
 
 @pytest.fixture(scope="session")
+def identity_bed(comfy) -> IdentityBed:
+    """The UNet, the adapter bundle and the astronaut's embeds, loaded once (support/identity_bed.py)."""
+    return IdentityBed(comfy)
+
+
+@pytest.fixture(scope="session")
 def http_comfy(comfyui_dir, comfy_base, request):
     server = OnDemandServer(comfyui_dir, comfy_base, lambda: request.session.testsfailed,
                             comfy_base.parent / "comfyui-failed.log")
@@ -44,13 +57,8 @@ def http_comfy(comfyui_dir, comfy_base, request):
 
 
 def _released_after(item, nextitem, name: str) -> bool:
-    """After its last test in a row; the in-process ComfyUI also after each module's last test, so
-    that one module's models (kept by its fixtures and ComfyUI's cache) never add to the next's."""
-    if name not in item.fixturenames:
-        return False
-    if nextitem is None or name not in nextitem.fixturenames:
-        return True
-    return name == "comfy" and nextitem.module is not item.module
+    """After its last test in a row (tests/conftest.py keeps each holder's users together)."""
+    return name in item.fixturenames and (nextitem is None or name not in nextitem.fixturenames)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from support.attn2_reference import INDEX_OF_KEY, adapter_tensors, face_branch, recording, rel_err, sample, text_branch
-from support.graphs import ADAPTER, loaded_identity
+from support.graphs import ADAPTER
 
 REL_TOL = 2e-5
 HEIGHT, WIDTH = 64, 96
@@ -40,9 +40,8 @@ def token_weights(masks: torch.Tensor, key: tuple, tokens: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def bed(comfy, model_files):
-    unet, ida, [embeds] = loaded_identity(comfy)
-    return unet, ida, embeds, adapter_tensors(model_files["id_animator"][ADAPTER])
+def bed(identity_bed, model_files):
+    return identity_bed.unet, identity_bed.ida, identity_bed.embeds, adapter_tensors(model_files["id_animator"][ADAPTER])
 
 
 def test_mask_weights_each_token_of_each_frame(comfy, bed):

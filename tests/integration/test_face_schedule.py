@@ -10,16 +10,15 @@ import torch
 
 from support.attn2_reference import (INDEX_OF_KEY, adapter_tensors, face_branch, recording, rel_err, sample,
                                      text_branch)
-from support.graphs import ADAPTER, loaded_identity
+from support.graphs import ADAPTER
 
 REL_TOL = 2e-5
 STEPS = 4  # the normal schedule puts them at 0, 1/3, 2/3 and 1 of the way: far from every edge below
 
 
 @pytest.fixture(scope="module")
-def bed(comfy, model_files):
-    unet, ida, [embeds] = loaded_identity(comfy)
-    return unet, ida, embeds, adapter_tensors(model_files["id_animator"][ADAPTER])
+def bed(identity_bed, model_files):
+    return identity_bed.unet, identity_bed.ida, identity_bed.embeds, adapter_tensors(model_files["id_animator"][ADAPTER])
 
 
 def schedule_fraction(model, sigma: float) -> float:

@@ -11,15 +11,14 @@ import torch
 from support.attn2_reference import (INDEX_OF_KEY, MODEL_NAMES, SPEC_LAYERS, adapter_tensors, attention,
                                      base_attn2_weights, capturing_weights, face_branch, lora_deltas, recording,
                                      rel_err, sample, text_branch)
-from support.graphs import ADAPTER, UNET, loaded_identity
+from support.graphs import ADAPTER, UNET
 
 REL_TOL = 2e-5
 
 
 @pytest.fixture(scope="module")
-def bed(comfy, model_files):
-    unet, ida, [embeds_a, embeds_b] = loaded_identity(comfy, photos=2)
-    return unet, ida, embeds_a, embeds_b, adapter_tensors(model_files["id_animator"][ADAPTER])
+def bed(identity_bed, model_files):
+    return identity_bed.unet, identity_bed.ida, identity_bed.embeds, identity_bed.embeds_mirrored, adapter_tensors(model_files["id_animator"][ADAPTER])
 
 
 def apply(comfy, model, ida, embeds, weight, lora_strength=1.0):

@@ -13,8 +13,7 @@ import torch
 from support.attn2_reference import (INDEX_OF_KEY, MODEL_NAMES, SPEC_LAYERS, adapter_tensors, attention,
                                      base_attn2_weights, capturing_weights, face_branch, lora_deltas, recording,
                                      rel_err, sample, text_branch)
-from support.graphs import ADAPTER, CLIP_VISION, DETECTOR, UNET
-from support.photos import astronaut_image
+from support.graphs import ADAPTER, UNET
 
 # Error of the face branch relative to its largest value. bf16 keeps 8 significant bits (0.4%) and
 # the branch goes through several bf16 roundings (q, face K/V, scores, output): up to 1.2% was seen.
@@ -22,16 +21,13 @@ FACE_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(scope="module")
-def bed(comfy, model_files):
+def bed(comfy, identity_bed, model_files):
     from comfy.sd import load_diffusion_model  # a plain `import comfy.sd` would shadow the fixture
 
-    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
     unet_file = model_files["diffusion_models"][UNET]
     unet_path = comfy.folder_paths.get_full_path_or_raise("diffusion_models", UNET)  # the generated file has no suffix
     unet = load_diffusion_model(unet_path, model_options={"dtype": torch.bfloat16})  # as --bf16-unet loads it
-    ida = nodes["LoadIDAnimator"].execute(ADAPTER, CLIP_VISION, DETECTOR, "CPU").args[0]
-    photo = torch.from_numpy(astronaut_image()).float()[None] / 255.0
-    embeds = nodes["FaceEncode"].execute(ida, photo, "most confident", 0, "error").args[0]
+    ida, embeds = identity_bed.ida, identity_bed.embeds
     layers = adapter_tensors(model_files["id_animator"][ADAPTER])
     return unet, ida, embeds, layers, base_attn2_weights(unet_file)
 

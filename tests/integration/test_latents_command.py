@@ -21,7 +21,7 @@ from id_animator.train.latents import LatentCache, centre_crop_resize, encode_fr
 from id_animator.train.video import read_frames
 from support.videos import indexed_frames, write_video
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHECKPOINT = ("checkpoints", "sd15_random_full.safetensors")
 FRAMES, STRIDE, SIZE = 4, 3, 64

@@ -11,12 +11,12 @@ import torch
 
 from support.attn2_reference import (MODEL_NAMES, adapter_tensors, base_attn2_weights, capturing_weights,
                                      lora_deltas, sample)
-from support.graphs import ADAPTER, UNET, loaded_identity
+from support.graphs import ADAPTER, UNET
 
 
 @pytest.fixture(scope="module")
-def bed(comfy, model_files):
-    unet, ida, [embeds] = loaded_identity(comfy)
+def bed(identity_bed, model_files):
+    unet, ida, embeds = identity_bed.unet, identity_bed.ida, identity_bed.embeds
     base = {name: w.float() for name, w in base_attn2_weights(model_files["diffusion_models"][UNET]).items()}
     deltas = lora_deltas(adapter_tensors(model_files["id_animator"][ADAPTER]))
     return unet, ida, embeds, base, deltas

@@ -10,9 +10,6 @@ import sys
 import pytest
 import torch
 
-from support.graphs import ADAPTER, CLIP_VISION, DETECTOR, UNET
-from support.photos import astronaut_image
-
 REL_TOL = 1e-5
 
 
@@ -28,16 +25,10 @@ def sub(pack, module: str):
 
 
 @pytest.fixture(scope="module")
-def loaded(comfy, pack):
-    """Real loaders: the SD1.5 UNet, the adapter bundle, and two identities from real photos."""
-    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
-    unet = comfy.nodes.UNETLoader().load_unet(UNET, "default")[0]
-    ida = nodes["LoadIDAnimator"].execute(ADAPTER, CLIP_VISION, DETECTOR, "CPU").args[0]
-    photo = torch.from_numpy(astronaut_image()).float()[None] / 255.0
-    embeds_a = nodes["FaceEncode"].execute(ida, photo, "most confident", 0, "error").args[0]
-    flipped = photo.flip(2)  # the same person, another crop: different tokens
-    embeds_b = nodes["FaceEncode"].execute(ida, flipped, "most confident", 0, "error").args[0]
-    return unet, ida, embeds_a, embeds_b
+def loaded(identity_bed):
+    """Real loaders: the SD1.5 UNet, the adapter bundle, and two identities from real photos (the
+    astronaut and the mirrored astronaut: the same person, another crop, different tokens)."""
+    return identity_bed.unet, identity_bed.ida, identity_bed.embeds, identity_bed.embeds_mirrored
 
 
 class Recorder:

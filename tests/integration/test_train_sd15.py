@@ -23,7 +23,7 @@ from id_animator.adapter.layer_map import LAYERS
 from id_animator.train import sd15
 from support.graphs import CLIP_VISION
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHECKPOINT = ("checkpoints", "sd15_random_full.safetensors")
 MOTION_V2 = ("animatediff_models", "mm_sd_v15_v2.ckpt")

@@ -83,17 +83,3 @@ def id_mix_graph(blend: float, blend_end: float, frames: int = 2, steps: int = 1
         "embeds_a": ["encode", 0], "embeds_b": ["b_encode", 0], "blend": blend, "blend_end": blend_end}}
     graph["apply"] = apply_node(["unet", 0], ["mix", 0], ["ida", 0], weight=1.0, lora_strength=0.0)
     return graph
-
-
-def loaded_identity(comfy, photos: int = 1) -> tuple[Any, Any, list[Any]]:
-    """The real loaders called directly: the SD1.5 UNet, the adapter bundle, and FACE_EMBEDS of the
-    astronaut (a second one from the mirrored photo: the same person, different tokens)."""
-    from support.photos import astronaut_image
-
-    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
-    unet = comfy.nodes.UNETLoader().load_unet(UNET, "default")[0]
-    ida = nodes["LoadIDAnimator"].execute(ADAPTER, CLIP_VISION, DETECTOR, "CPU").args[0]
-    photo = torch.from_numpy(astronaut_image()).float()[None] / 255.0
-    embeds = [nodes["FaceEncode"].execute(ida, p, "most confident", 0, "error").args[0]
-              for p in (photo, photo.flip(2))[:photos]]
-    return unet, ida, embeds

@@ -156,9 +156,8 @@ def test_invalid_inputs_are_rejected() -> None:
 
 
 @pytest.fixture(scope="module")
-def full_weights() -> AdapterWeights:
+def full_weights(one_torch_thread) -> AdapterWeights:
     """Random weights at the official full size (61.8 M parameters), fp32."""
-    torch.set_num_threads(1)
     return random_adapter_weights(seed=7)
 
 

@@ -22,7 +22,7 @@ from id_animator.train.latents import (CachedVideo, LatentCache, _ShardWriter, _
                                        clip_frames, encode_frames, read_stored, stored_frames, to_pixels)
 from support.videos import indexed_frames, read_index, write_video
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,64 @@
+"""scripts/bootstrap.py run as the README's commands run it, on a cache folder of the test's own.
+
+The first run on an empty cache takes minutes (it builds a whole environment, mostly pip writing
+files, on one core), so tests/install/conftest.py starts it in the background when the session
+starts and the install test only waits for it: the rest of the suite runs meanwhile."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+VALUES = ("python", "comfyui", "scrfd", "cache")
+TIMEOUT_S = 1800
+
+
+def boot_python() -> str:
+    """The interpreter the README's scripts bootstrap with (not this test's virtual environment)."""
+    return shutil.which(os.environ.get("PYTHON_BOOT", "python3.11")) or sys.executable
+
+
+def command() -> list[str]:
+    return [boot_python(), str(REPO / "scripts" / "bootstrap.py"), *[a for name in VALUES for a in ("--print", name)]]
+
+
+def bootstrap(cache: Path) -> subprocess.CompletedProcess:
+    """One run in the foreground."""
+    return subprocess.run(command(), env=dict(os.environ, IDA_CACHE=str(cache)), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=TIMEOUT_S)
+
+
+@dataclass
+class BackgroundBootstrap:
+    """A first run on an empty cache, started now; `result()` waits for it."""
+    folder: Path
+    process: subprocess.Popen
+
+    @property
+    def cache(self) -> Path:
+        return self.folder / "cache"
+
+    @classmethod
+    def start(cls) -> "BackgroundBootstrap":
+        folder = Path(tempfile.mkdtemp(prefix="ida-bootstrap-"))
+        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+            process = subprocess.Popen(command(), env=dict(os.environ, IDA_CACHE=str(folder / "cache")), stdout=out,
+                                       stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        return cls(folder, process)
+
+    def result(self) -> subprocess.CompletedProcess:
+        returncode = self.process.wait(TIMEOUT_S)
+        return subprocess.CompletedProcess(self.process.args, returncode, (self.folder / "stdout").read_text(),
+                                           (self.folder / "stderr").read_text())
+
+    def remove(self) -> None:
+        """Stop it if it still runs, and delete its ~6 GB."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(60)
+        shutil.rmtree(self.folder, ignore_errors=True)
