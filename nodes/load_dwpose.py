@@ -25,7 +25,7 @@ class LoadDWPose(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         files = folders.dwpose_files()
         return io.Schema(
-            node_id="LoadDWPose",
+            node_id="IDA_LoadDWPose",
             display_name="Load DWPose (UniAnimate)",
             category="id_animator/unianimate",
             description="Loads the DWPose person detector and whole-body keypoint model (ONNX) that "

@@ -49,7 +49,7 @@ def dwpose_bed(comfy_base, cache_dir):
 
 def pose_graph(reference: str = "pose_ref.png", frames: tuple[str, ...] = tuple(f"pose_frame{i}.png" for i in range(FRAMES)),
                detector: str = "yolox_l.onnx", pose_model: str = "dw-ll_ucoco_384.onnx", **options) -> dict:
-    graph = {"dw": {"class_type": "LoadDWPose", "inputs": {"detector": detector, "pose_model": pose_model,
+    graph = {"dw": {"class_type": "IDA_LoadDWPose", "inputs": {"detector": detector, "pose_model": pose_model,
                                                           "provider": "CPU"}},
              "ref": {"class_type": "LoadImage", "inputs": {"image": reference}}}
     previous = None
@@ -79,9 +79,9 @@ def test_schema(comfy):
                               "width", "height"]
     assert required["dwpose"][0] == "DWPOSE_ONNX" and info["output"] == ["IMAGE", "IMAGE"]
     assert all(spec[1].get("tooltip") for spec in required.values())
-    loader = comfy.nodes.NODE_CLASS_MAPPINGS["LoadDWPose"].GET_NODE_INFO_V1()
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["IDA_LoadDWPose"].GET_NODE_INFO_V1()
     assert loader["output"] == ["DWPOSE_ONNX"] and info["category"] == loader["category"] == "id_animator/unianimate"
-    for name in ("LoadDWPose", "UniAnimatePose"):  # execute mirrors the schema, input for input
+    for name in ("IDA_LoadDWPose", "UniAnimatePose"):  # execute mirrors the schema, input for input
         node = comfy.nodes.NODE_CLASS_MAPPINGS[name]
         assert list(inspect.signature(node.execute).parameters) == list(node.GET_NODE_INFO_V1()["input"]["required"])
 
