@@ -33,7 +33,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import re
 import string
 import sys
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapter.errors import TrainingError
+from ..adapter.files import write_atomic
 from .video import Video, find_videos
 
 logger = logging.getLogger(__name__)
@@ -215,10 +215,7 @@ def caption_rows(videos: list[Video], manifest: dict[str, CaptionSource] | None 
 
 def write_captions(rows: list[dict], path: Path) -> None:
     """The JSONL file, atomically (a reader never sees half of it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def load_captions(path: str | Path) -> dict[str, str]:

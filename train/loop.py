@@ -37,6 +37,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..adapter.errors import TrainingError
+from ..adapter.files import append_jsonl, atomic_path, read_jsonl, write_atomic
 from .data import StepBatches, TrainingSet, collate
 from .sd15 import clip_penultimate, encode_prompts
 
@@ -204,15 +205,15 @@ def build_training_set(latents: str | Path, pool: str | Path, captions: str | Pa
 
 
 def read_loss_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The loss rows; the last one is dropped when a crash cut it short (then `truncate_loss_log`
+    rewrites the file whole on resume)."""
+    return read_jsonl(path, what="loss log", fix="delete it (only loss.png is drawn from it)")
 
 
 def truncate_loss_log(path: Path, step: int) -> None:
     """Rows after `step` came from a run that died before saving its state: drop them."""
     rows = [row for row in read_loss_log(path) if row["step"] <= step]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path, size: tuple[int, int] = (800, 480)) -> None:
@@ -236,9 +237,8 @@ def plot_loss(rows: list[dict[str, Any]], path: Path, size: tuple[int, int] = (8
         draw.text((4, bottom - 10), f"{y0:.4g}", fill="black")
         draw.text((left, bottom + 6), f"step {x0}", fill="black")
         draw.text((right - 70, bottom + 6), f"step {max(steps)}", fill="black")
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 # --- The loop --------------------------------------------------------------------------------------
@@ -301,8 +301,8 @@ def train(args: argparse.Namespace) -> int:
     resume = resume_state(out, args.resume)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "run"},
-                                                  indent=1, default=str))
+        write_atomic(out / "args.json", json.dumps({k: v for k, v in vars(args).items() if k != "run"},
+                                                   indent=1, default=str))
     dtype = DTYPES[accelerator.mixed_precision]
     frozen = build_frozen_models(args.checkpoint, args.motion_module, args.image_encoder, tokenizer=args.tokenizer,
                                  device=accelerator.device, dtype=dtype)
@@ -371,8 +371,7 @@ def train(args: argparse.Namespace) -> int:
             window = []
             accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=progress.step)
             if accelerator.is_main_process:
-                with loss_log.open("a") as log_file:
-                    log_file.write(json.dumps(row) + "\n")
+                append_jsonl(loss_log, [row])
         if (args.save_every and progress.step % args.save_every == 0) or last:
             save_state(accelerator, out, progress.step, args.keep_states)
         if (args.export_every and progress.step % args.export_every == 0) or last:
@@ -408,7 +407,7 @@ def check_replicas(accelerator: Any, adapter: torch.nn.Module, frozen: FrozenMod
             "frozen": fingerprint(frozen_tensors(frozen))}
     everyone = gather_object([mine])
     if accelerator.is_main_process:
-        (out / "replicas.json").write_text(json.dumps(everyone, indent=1))
+        write_atomic(out / "replicas.json", json.dumps(everyone, indent=1))
     if len({entry["adapter"] for entry in everyone}) > 1:
         raise TrainingError(f"The adapter differs between processes at the end of training ({out}/replicas.json): "
                             f"the gradient all-reduce did not run; check the accelerate config.")

@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..adapter.errors import IDAnimatorError, TrainingError
+from ..adapter.files import write_atomic
 from .video import VIDEO_SUFFIXES, read_frames
 
 log = logging.getLogger(__name__)
@@ -252,10 +252,7 @@ def _overall(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def _csv(rows: list[list[Any]]) -> str:

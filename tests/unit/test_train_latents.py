@@ -132,7 +132,7 @@ def test_shards_round_trip_and_resume_drops_an_interrupted_shard(tmp_path: Path)
 
 def test_a_changed_setting_is_refused(tmp_path: Path):
     _meta(tmp_path)
-    with pytest.raises(latents.TrainingError, match=r"other settings \(size: 16 -> 32\)"):
+    with pytest.raises(latents.TrainingError, match=r"other settings: size 16 \(now 32\)"):
         _start_folder(tmp_path, {"format": 1, "frames": 3, "stride": 1, "clip_step": 3, "clips_per_video": None,
                                  "size": 32, "scaling_factor": 0.18215, "checkpoint": "x.safetensors",
                                  "checkpoint_bytes": 1})
