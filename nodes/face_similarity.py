@@ -14,7 +14,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
-from ..adapter.errors import IDAnimatorError
+from ..adapter.errors import IDAnimatorError, NoFaceError
 from ..adapter.face_detection import FaceDetector, resolve_providers
 from ..adapter.face_recognition import (
     FRAME_FACE_MODES, FaceRecognizer, IdentityScores, detector_function, embed_references, score_frames,
@@ -94,9 +94,9 @@ class FaceSimilarity(io.ComfyNode):
     def execute(cls, reference: torch.Tensor, frames: torch.Tensor, insightface_pack: str, provider: str,
                 frame_face: str) -> io.NodeOutput:
         if reference.shape[0] == 0:
-            raise ValueError(f"{NODE}: the reference batch is empty: connect at least one photo of the person.")
+            raise NoFaceError(f"{NODE}: the reference batch is empty: connect at least one photo of the person.")
         if frames.shape[0] == 0:
-            raise ValueError(f"{NODE}: the frames batch is empty: connect the decoded video (VAE Decode).")
+            raise IDAnimatorError(f"{NODE}: the frames batch is empty: connect the decoded video (VAE Decode).")
         pack = folders.detector_pack_path(insightface_pack)
         providers = resolve_providers(provider)
         try:

@@ -130,12 +130,6 @@ class _FrameKeys:
         return int(self._keys[index])
 
 
-def shuffled_order(seed: int, frames: int) -> list[int]:
-    """The frame order a video with this seed is walked in (for tests and inspection)."""
-    keys = _FrameKeys(seed)
-    return sorted(range(frames), key=lambda i: (keys[i], i))
-
-
 # ----------------------------------------------------------------------------- decoding
 
 def _candidates(path: Path, keys: _FrameKeys, after: tuple[int, int] | None, take: int

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from ..adapter.clip_image import mean_colour
 from ..adapter.errors import TrainingError
 from ..adapter.files import append_jsonl, atomic_path, read_jsonl, write_atomic
 from .data import StepBatches, TrainingSet, collate
@@ -75,11 +76,8 @@ def reference_crops(reference: Tensor, drop_image: Tensor) -> Tensor:
     Its CLIP-normalised pixels are exactly zero: the official null face (the uncond tokens of
     inference, official §4.4), not a black photo.
     """
-    from .sd15 import CLIP_MEAN
-
     crops = reference.float() / 255
-    mean = torch.tensor(CLIP_MEAN, device=crops.device).view(1, 3, 1, 1)
-    return torch.where(drop_image.view(-1, 1, 1, 1).to(crops.device), mean, crops)
+    return torch.where(drop_image.view(-1, 1, 1, 1).to(crops.device), mean_colour(crops), crops)
 
 
 def training_step(adapter: torch.nn.Module, frozen: FrozenModels, batch: dict[str, Any],
@@ -100,14 +98,10 @@ def training_step(adapter: torch.nn.Module, frozen: FrozenModels, batch: dict[st
     return F.mse_loss(prediction.float(), noise.float())
 
 
-def trainable_parameters(adapter: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in adapter.parameters() if p.requires_grad]
-
-
 def make_optimizer(adapter: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 1e-2,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over exactly the adapter's trainable tensors (paper §4.1: lr 1e-4)."""
-    return torch.optim.AdamW(trainable_parameters(adapter), lr=lr, betas=betas,
+    return torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, betas=betas,
                              weight_decay=weight_decay, eps=eps)
 
 
@@ -244,7 +238,7 @@ def plot_loss(rows: list[dict[str, Any]], path: Path, size: tuple[int, int] = (8
 # --- The loop --------------------------------------------------------------------------------------
 
 
-class Progress:
+class StepCounter:
     """Optimizer steps done and training seconds spent, saved with each state."""
 
     def __init__(self) -> None:
@@ -319,7 +313,7 @@ def train(args: argparse.Namespace) -> int:
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared to tell it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
     model, optimizer = accelerator.prepare(adapter, optimizer)
-    progress = Progress()
+    progress = StepCounter()
     accelerator.register_for_checkpointing(progress, lr_scheduler)
     if resume is not None:
         accelerator.load_state(str(resume))
@@ -337,8 +331,8 @@ def train(args: argparse.Namespace) -> int:
     accelerator.init_trackers("id_animator", config={k: v for k, v in vars(args).items()
                                                      if isinstance(v, (int, float, str, bool))})
     logger.info("Training %d adapter tensors (%.1f M parameters) on %d clips, %d processes × batch %d × "
-                "accumulation %d, to step %d.", len(trainable_parameters(adapter)),
-                sum(p.numel() for p in trainable_parameters(adapter)) / 1e6, len(dataset),
+                "accumulation %d, to step %d.", len(adapter.trainable_parameters()),
+                sum(p.numel() for p in adapter.trainable_parameters()) / 1e6, len(dataset),
                 accelerator.num_processes, args.batch_size, accum, max_steps)
     bar = tqdm(total=max_steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)

@@ -139,33 +139,26 @@ class ClipImage:
     def __init__(self, path: Path, device: str) -> None:
         import torch
 
-        from .sd15 import CLIP_MEAN, CLIP_STD, load_image_encoder
+        from .sd15 import load_image_encoder
 
         self.torch = torch
         self.device = device
         self.model = load_image_encoder(path, device=device)
-        self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
     @staticmethod
     def process(image_rgb: np.ndarray) -> np.ndarray:
-        """CLIPImageProcessor's geometry: shortest side to 224 (bicubic), centre crop 224x224."""
-        from PIL import Image
+        """CLIPImageProcessor's geometry (adapter/clip_image.py): shortest side to 224, centre crop."""
+        from ..adapter.clip_image import clip_geometry
 
-        height, width = image_rgb.shape[:2]
-        scale = 224 / min(height, width)
-        size = (max(224, round(width * scale)), max(224, round(height * scale)))
-        resized = np.asarray(Image.fromarray(image_rgb).resize(size, Image.Resampling.BICUBIC))
-        top, left = (size[1] - 224) // 2, (size[0] - 224) // 2
-        return resized[top:top + 224, left:left + 224]
+        return clip_geometry(image_rgb)
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         """RGB uint8 images -> (N, 1024) float64 unit embeddings."""
-        torch = self.torch
-        pixels = torch.from_numpy(np.stack([self.process(i) for i in images])).permute(0, 3, 1, 2).float() / 255.0
-        pixels = (pixels - self.mean) / self.std
+        from ..adapter.clip_image import clip_pixels
+
+        pixels = clip_pixels(images)
         param = next(self.model.parameters())
-        with torch.no_grad():
+        with self.torch.no_grad():
             out = self.model(pixel_values=pixels.to(param.device, param.dtype)).image_embeds
         out = out.double().cpu().numpy()
         return out / np.linalg.norm(out, axis=1, keepdims=True)

@@ -21,7 +21,7 @@ from id_animator.adapter.face_detection import FaceDetector, align_face, resolve
 from id_animator.train import cli
 from id_animator.train.face_pool import (
     PoolFace, PoolSettings, dropped_videos, load_pool, parse_shard, pool_video, read_record,
-    select_shard, shuffled_order, video_seed,
+    select_shard, video_seed, _FrameKeys,
 )
 from id_animator.train.video import Video, read_frames
 from support.videos import face_video_frames, indexed_frames, read_index, write_video
@@ -32,6 +32,13 @@ from PIL import Image  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
+
+
+def shuffled_order(seed: int, frames: int) -> list[int]:
+    """The frame order a video with this seed is walked in: frames sorted by their seeded keys."""
+    keys = _FrameKeys(seed)
+    return sorted(range(frames), key=lambda i: (keys[i], i))
+
 
 SIZE = 256
 MIXED_FACE_FRAMES = (2, 7, 13)  # astronaut frames of mixed.mp4; the other 13 are Solvay
