@@ -84,9 +84,12 @@ def append_jsonl(path: str | Path, rows: list[Mapping[str, Any]]) -> None:
 
 
 def read_jsonl(path: str | Path, *, what: str = "JSONL file", fix: str = "delete the file and run again",
-               error: type[IDAnimatorError] = TrainingError) -> list[Any]:
-    """The rows of `path` ([] when it does not exist); a torn last line is dropped, any other bad
-    line raises `error` naming the file and line, `what` it is and the `fix`."""
+               error: type[IDAnimatorError] = TrainingError, numbered: bool = False,
+               torn_last_line: bool = True) -> list[Any]:
+    """The rows of `path` ([] when it does not exist); a torn last line is dropped (unless
+    `torn_last_line` is False: a file a person wrote), any other bad line raises `error` naming
+    the file and line, `what` it is and the `fix`. `numbered`: (line number, row) pairs, for
+    callers that check each row and name its line."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -100,12 +103,13 @@ def read_jsonl(path: str | Path, *, what: str = "JSONL file", fix: str = "delete
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            if number == len(lines):
+            if torn_last_line and number == len(lines):
                 logger.warning("%s: the last line is cut short (a run stopped while writing it); ignored.", path)
                 break
             raise error(f"{path}:{number}: the {what} is damaged ({e}); {fix}.") from None
+        rows.append((number, row) if numbered else row)
     return rows
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapter.errors import TrainingError
-from ..adapter.files import write_atomic
+from ..adapter.files import read_jsonl, write_atomic
 from .video import Video, find_videos
 
 logger = logging.getLogger(__name__)
@@ -225,11 +225,9 @@ def load_captions(path: str | Path) -> dict[str, str]:
         raise TrainingError(f"Captions file {path} does not exist; make it with "
                             f"`python -m id_animator.train captions VIDEOS --out {path}`.")
     captions: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path, what="captions file", numbered=True,
+                                  fix="make it again with the `captions` command"):
         try:
-            row = json.loads(line)
             video_id, caption = row["id"], row["caption"]
         except (ValueError, KeyError, TypeError) as error:
             raise TrainingError(f"{path}:{number}: not a captions row ({{\"id\", \"caption\", ...}}): "

@@ -38,12 +38,12 @@ import torch
 
 from ..adapter.errors import TrainingError
 from ..adapter.files import append_jsonl, atomic_path, read_jsonl, refuse_other_settings, write_atomic
+from ..adapter.weights_file import DTYPES
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 DEFAULT_STRIDE = 4  # AnimateDiff's training.yaml sample_stride
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # meta.json fields that decide the stored latents: a resume must match them all
 SETTINGS = ("format", "frames", "stride", "clip_step", "clips_per_video", "size", "checkpoint", "checkpoint_bytes")
 

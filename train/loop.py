@@ -44,7 +44,7 @@ from .sd15 import clip_penultimate, encode_prompts
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate mixed_precision
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..adapter.errors import IDAnimatorError, TrainingError
-from ..adapter.files import write_atomic
+from ..adapter.files import read_jsonl, write_atomic
 from .video import VIDEO_SUFFIXES, read_frames
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,16 @@ def load_prompts(path: Path | None) -> dict[str, str]:
     """JSONL rows {"id": ..., "prompt" or "caption": ...} (the captions file of training works)."""
     if path is None:
         return {}
+    if not path.is_file():
+        raise TrainingError(f"The prompts file {path} does not exist; give a JSONL file of "
+                            f'{{"id": ..., "prompt": ...}} rows (the captions file of training works).')
     prompts = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                prompts[str(row["id"])] = str(row.get("prompt", row.get("caption", "")))
-            except (ValueError, KeyError, TypeError) as error:
-                raise TrainingError(f"{path}:{number}: expected {{\"id\": ..., \"prompt\": ...}}: {error}") from error
+    for number, row in read_jsonl(path, what="prompts file", numbered=True, torn_last_line=False,
+                                  fix='each line is {"id": ..., "prompt": ...}'):
+        try:
+            prompts[str(row["id"])] = str(row.get("prompt", row.get("caption", "")))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise TrainingError(f"{path}:{number}: expected {{\"id\": ..., \"prompt\": ...}}: {error}") from error
     return prompts
 
 
