@@ -329,8 +329,8 @@ def read_adapter_file(path: str | Path) -> dict[str, Any]:
     which file is expected where. LoadIDAnimator and `train export` both read through this."""
     try:
         return read_state_dict(path)
-    except CheckpointError as error:
-        raise CheckpointError(f"{error} {EXPECTED_FILE}") from error
+    except CheckpointError as error:  # same type: a MissingFileError stays a FileNotFoundError
+        raise type(error)(f"{error} {EXPECTED_FILE}") from error
 
 
 def load_adapter_checkpoint(path: str | Path,
