@@ -179,4 +179,4 @@ def test_cli_no_videos_and_a_wrong_checkpoint(import_root: Path, tmp_path: Path)
     write_video(tmp_path / "videos" / "v.mp4", indexed_frames(4, size=(32, 32)))
     result = _cli(import_root, str(tmp_path / "videos"), "--checkpoint", str(tmp_path / "x.safetensors"),
                   "--out", str(tmp_path / "out"))
-    assert result.returncode == 1 and "Cannot read" in result.stderr and "x.safetensors" in result.stderr, result.stderr
+    assert result.returncode == 1 and "neither a safetensors file nor a PyTorch checkpoint" in result.stderr and "x.safetensors" in result.stderr, result.stderr
