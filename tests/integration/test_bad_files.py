@@ -32,7 +32,7 @@ def node_error(comfy, comfy_base: Path, folder: str, field: str, name: str, pref
     assert not result.success and result.error, result.outputs
     assert result.error.get("node_id") == f"{prefix}ida", result.error
     assert result.error.get("exception_type", "").endswith("CheckpointError"), result.error
-    return path, result.error_message
+    return path, result.error_message.removesuffix("\n")  # ComfyUI ends the message with a newline
 
 
 def trainer_error(call, path: Path) -> str:
