@@ -1,7 +1,9 @@
 """ID-Animator face adapter in pure PyTorch (no ComfyUI imports anywhere in this package).
 
-Modules: `checkpoint` (reading and validating animator.ckpt), `convert` (animator.ckpt to a
-verified .safetensors: `python -m id_animator.adapter.convert`), `resampler` (face tokens),
+Modules: `weights_file` (every model file: safe reading, naming a wrong file, the key rule,
+verified writes; shared with train/ and the other model families), `checkpoint` (the
+animator.ckpt schema), `convert` (animator.ckpt -> .safetensors), `clip_image` (CLIP
+preprocessing), `files` (atomic writes, tolerant JSONL, settings guard), `resampler` (face tokens),
 `layer_map` (the 16 cross-attention layers), `face_attention` (decoupled attention maths, for
 inference and training), `lora` (attn2 LoRA as weight patches), `identity` (averaging, mixing,
 per-frame schedules, which adapter made the tokens), `face_detection` (insightface detection and

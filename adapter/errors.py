@@ -20,3 +20,8 @@ class PoseError(IDAnimatorError, ValueError):
 
 class TrainingError(IDAnimatorError, ValueError):
     """Bad training input: a missing or unreadable video, a wrong model file, an empty dataset."""
+
+
+class MissingFileError(CheckpointError, FileNotFoundError):
+    """A model file that is not there: a CheckpointError, and a FileNotFoundError for callers
+    that handle missing files as OSErrors."""

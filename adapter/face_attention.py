@@ -38,18 +38,19 @@ def project_face_tokens(face_tokens: Tensor, to_k_face: Tensor,
     """Face keys and values (K,16,C) = tokens (K,16,768) @ W_kface/W_vface (C,768) transposed.
 
     Computed once per set of tokens and reused for every step and frame; the projection is
-    linear, so per-frame identity blends may be taken after it (see `mix_face_kv`).
+    linear, so per-frame identity blends may be taken after it (see `mix_identities`).
     """
     return F.linear(face_tokens, to_k_face), F.linear(face_tokens, to_v_face)
 
 
-def mix_face_kv(face_kv: Tensor, weights: Tensor) -> Tensor:
-    """Per-frame weighted sum over identities: (K,16,C) with weights (F,K) -> (F,16,C)."""
-    if weights.ndim != 2 or weights.shape[1] != face_kv.shape[0]:
+def mix_identities(per_identity: Tensor, weights: Tensor) -> Tensor:
+    """Per-frame weighted sum over identities of their face tokens or face K/V (the projection is
+    linear, so both orders agree): (K,16,C) with weights (F,K) -> (F,16,C)."""
+    if weights.ndim != 2 or weights.shape[1] != per_identity.shape[0]:
         raise IDAnimatorError(
             f"Identity weights of shape {tuple(weights.shape)} do not match "
-            f"{face_kv.shape[0]} identities; expected (frames, {face_kv.shape[0]}).")
-    return torch.einsum("fk,ktc->ftc", weights.to(face_kv), face_kv)
+            f"{per_identity.shape[0]} identities; expected (frames, {per_identity.shape[0]}).")
+    return torch.einsum("fk,ktc->ftc", weights.to(per_identity), per_identity)
 
 
 def batch_face_kv(cond: Tensor, uncond: Tensor, cond_or_uncond: Sequence[int],

@@ -19,7 +19,6 @@ from torch import Tensor
 
 from .checkpoint import AdapterWeights
 from .errors import IDAnimatorError
-from .face_attention import mix_face_kv
 
 # The precision weights are compared at. fp32 and fp16 files of one adapter (animator.ckpt and
 # its fp16 .safetensors conversion) are the same adapter to a user, and round-to-nearest is
@@ -181,11 +180,6 @@ class FaceEmbeds:
         t = frames / (total_frames - 1) if total_frames > 1 else torch.zeros_like(frames)
         return self.weights_at(t)
 
-    def tokens_for_frames(self, frame_indices: Sequence[int], total_frames: int) -> Tensor:
-        """Face tokens (F, 16, 768) of the given frames, mixed per frame by the schedule."""
-        weights = self.frame_weights(frame_indices, total_frames)
-        return mix_face_kv(self.face_tokens, weights.to(self.face_tokens.device))
-
 
 def average_photos(tokens: Tensor) -> Tensor:
     """Equal-weight mean of N photos' tokens (N,16,768) -> (16,768), after the Resampler (§9)."""
@@ -250,20 +244,3 @@ def blend(a: FaceEmbeds, b: FaceEmbeds, start: float, end: float | None = None) 
     face_tokens = torch.cat((a.face_tokens, b.face_tokens.to(a.face_tokens)), dim=0)
     schedule = Blend(a.schedule, _shift(b.schedule, a.identities), float(start), float(end))
     return FaceEmbeds(face_tokens, a.uncond_tokens, schedule, adapter)
-
-
-def weighted_blend(embeds: Sequence[FaceEmbeds], weights: Sequence[float]) -> FaceEmbeds:
-    """Static mix of several identities with non-negative weights (normalised to sum 1)."""
-    if len(embeds) != len(weights) or not embeds:
-        raise IDAnimatorError(
-            f"Need one weight per face embeds, got {len(embeds)} embeds, {len(weights)} weights.")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise IDAnimatorError(f"Weights must be >= 0 with a positive sum, got {list(weights)}.")
-    # Fold left: after step i the running mix holds weights[:i+1], so the newcomer's share of
-    # that prefix is weights[i] / sum(weights[:i+1]).
-    mixed, total = embeds[0], float(weights[0])
-    for embed, weight in zip(embeds[1:], weights[1:]):
-        total += float(weight)
-        share = float(weight) / total if total > 0 else 0.0
-        mixed = blend(mixed, embed, share)
-    return mixed

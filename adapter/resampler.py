@@ -6,14 +6,32 @@ so `load_state_dict(strict=True)` takes the 51 official tensors unchanged.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from .clip_image import CLIP_SIZE as CLIP_IMAGE_SIZE  # the one CLIP input side
 from .errors import IDAnimatorError
+from .layer_map import TEXT_CONTEXT_DIM
 
-CLIP_IMAGE_SIZE = 224  # OpenCLIP ViT-H/14 input resolution (official image_encoder/config.json)
+
+@dataclass(frozen=True)
+class ResamplerConfig:
+    """The Resampler's sizes, the one place they are written. The defaults are official §3.2:
+    Resampler(dim=768, depth=4, dim_head=64, heads=12, num_queries=16, embedding_dim=1280,
+    output_dim=768, ff_mult=4), the IP-Adapter-Plus SD1.5 layout (51 tensors, 29,918,208
+    parameters); other sizes serve models trained at other widths (tiny test UNets)."""
+
+    dim: int = 768
+    depth: int = 4
+    dim_head: int = 64
+    heads: int = 12
+    num_queries: int = 16
+    embedding_dim: int = 1280  # CLIP ViT-H/14 hidden width
+    output_dim: int = TEXT_CONTEXT_DIM  # the UNet's cross-attention width (SD1.5: 768)
+    ff_mult: int = 4
 
 
 class PerceiverAttention(torch.nn.Module):
@@ -72,13 +90,13 @@ def feed_forward(dim: int, mult: int, *, operations: Any = torch.nn,
 class Resampler(torch.nn.Module):
     """16 learned queries summarise the face crop's CLIP features (paper: facial latent queries)."""
 
-    def __init__(self, dim: int = 768, depth: int = 4, dim_head: int = 64, heads: int = 12,
-                 num_queries: int = 16, embedding_dim: int = 1280, output_dim: int = 768,
-                 ff_mult: int = 4, operations: Any = torch.nn, *,
+    def __init__(self, config: ResamplerConfig = ResamplerConfig(), operations: Any = torch.nn, *,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        dim, embedding_dim, output_dim = config.dim, config.embedding_dim, config.output_dim
+        self.config = config
         self.embedding_dim = embedding_dim
-        self.num_queries = num_queries
+        self.num_queries = num_queries = config.num_queries
         self.output_dim = output_dim
         self.latents = torch.nn.Parameter(
             torch.randn(1, num_queries, dim, device=device, dtype=dtype) / dim ** 0.5)
@@ -87,11 +105,11 @@ class Resampler(torch.nn.Module):
         self.norm_out = operations.LayerNorm(output_dim, device=device, dtype=dtype)
         self.layers = torch.nn.ModuleList(
             torch.nn.ModuleList([
-                PerceiverAttention(dim, dim_head, heads, operations=operations,
+                PerceiverAttention(dim, config.dim_head, config.heads, operations=operations,
                                    device=device, dtype=dtype),
-                feed_forward(dim, ff_mult, operations=operations, device=device, dtype=dtype),
+                feed_forward(dim, config.ff_mult, operations=operations, device=device, dtype=dtype),
             ])
-            for _ in range(depth)
+            for _ in range(config.depth)
         )
 
     def forward(self, clip_penultimate: Tensor) -> Tensor:

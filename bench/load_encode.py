@@ -61,7 +61,7 @@ def face_encode(session: common.Session, ida, rounds: int) -> dict:
     batch = photo.repeat(4, 1, 1, 1)
     aligned = face_detection.detect_and_align(ida.detector, photo[0].numpy(), "most confident", 0)
     crop = torch.from_numpy(aligned.crop).float()[None] / 255.0
-    pixels = node_module.normalize_crops(crop, ida.clip_vision)
+    pixels = node_module.normalize_crops(crop)
     hidden = node_module.clip_penultimate(ida.clip_vision, pixels)
 
     def uncond():

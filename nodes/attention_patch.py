@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.attention import attention_pytorch, optimized_attention
 
-from ..adapter.face_attention import batch_face_kv, decoupled_attention, mix_face_kv
+from ..adapter.face_attention import batch_face_kv, decoupled_attention, mix_identities
 from ..adapter.identity import FaceEmbeds
 from ..adapter.layer_map import CrossAttentionLayer
 
@@ -107,7 +107,7 @@ class FaceAttentionPatch:
         else:
             weights = self.embeds.frame_weights(indices, total)  # (F,K)
         weights = weights.to(self.face_keys)
-        cond_k, cond_v = mix_face_kv(self.face_keys, weights), mix_face_kv(self.face_values, weights)
+        cond_k, cond_v = mix_identities(self.face_keys, weights), mix_identities(self.face_values, weights)
         keys = batch_face_kv(cond_k, self.uncond_keys, chunks, frames)
         values = batch_face_kv(cond_v, self.uncond_values, chunks, frames)
         return keys.to(like), values.to(like)

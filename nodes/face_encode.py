@@ -6,6 +6,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
+from ..adapter.clip_image import normalize
 from ..adapter.errors import NoFaceError
 from ..adapter.face_detection import detect_and_align
 from ..adapter.identity import single_identity
@@ -24,11 +25,9 @@ def clip_penultimate(clip_vision, pixels: torch.Tensor) -> torch.Tensor:
     return out[1].float()
 
 
-def normalize_crops(crops: torch.Tensor, clip_vision) -> torch.Tensor:
+def normalize_crops(crops: torch.Tensor) -> torch.Tensor:
     """(B,224,224,3) in 0..1 -> CLIP-normalized (B,3,224,224), as CLIPImageProcessor does (§4.2)."""
-    mean = torch.tensor(clip_vision.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(clip_vision.image_std).view(1, 3, 1, 1)
-    return (crops.permute(0, 3, 1, 2) - mean) / std
+    return normalize(crops.permute(0, 3, 1, 2))
 
 
 def resample(id_animator: IDAnimator, hidden: torch.Tensor) -> torch.Tensor:
@@ -103,7 +102,7 @@ class FaceEncode(io.ComfyNode):
         crop_batch = torch.stack(crops)  # (N,224,224,3)
         clip_vision = id_animator.clip_vision
         with torch.no_grad():
-            hidden = clip_penultimate(clip_vision, normalize_crops(crop_batch, clip_vision))
+            hidden = clip_penultimate(clip_vision, normalize_crops(crop_batch))
             face_tokens = resample(id_animator, hidden)  # (N,16,768)
         uncond = id_animator.uncond.get(lambda: unconditional_tokens(id_animator))
         embeds = single_identity(face_tokens, uncond, id_animator.source)

@@ -15,7 +15,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
-from ..adapter.errors import IDAnimatorError
+from ..adapter.errors import IDAnimatorError, NoFaceError
 from ..adapter.face_recognition import (
     FRAME_FACE_MODES, IdentityScores, detector_function, embed_references, score_frames,
 )
@@ -79,9 +79,9 @@ class FaceSimilarity(io.ComfyNode):
     def execute(cls, reference: torch.Tensor, frames: torch.Tensor, face_scorer: FaceScorer,
                 frame_face: str) -> io.NodeOutput:
         if reference.shape[0] == 0:
-            raise ValueError(f"{NODE}: the reference batch is empty: connect at least one photo of the person.")
+            raise NoFaceError(f"{NODE}: the reference batch is empty: connect at least one photo of the person.")
         if frames.shape[0] == 0:
-            raise ValueError(f"{NODE}: the frames batch is empty: connect the decoded video (VAE Decode).")
+            raise IDAnimatorError(f"{NODE}: the frames batch is empty: connect the decoded video (VAE Decode).")
         recognizer = face_scorer.recognizer
         detect = detector_function(face_scorer.detector)
         try:

@@ -7,61 +7,37 @@ import time
 import comfy.clip_vision
 import comfy.model_management
 import comfy.model_patcher
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter.checkpoint import load_adapter_checkpoint, read_state_dict
+from ..adapter.checkpoint import check_clip_vision_h, load_adapter_checkpoint
 from ..adapter.errors import CheckpointError
 from ..adapter.face_detection import FaceDetector, resolve_providers
 from ..adapter.identity import AdapterSource
 from ..adapter.resampler import Resampler
+from ..adapter.weights_file import read_state_dict
 from . import folders
 from .shared_models import shared_load
 from .types import ID_ANIMATOR, IDAnimator
 
 PROVIDERS = ["auto", "CPU", "CUDA", "ROCM", "CoreML"]
-VIT_H = {"hidden_size": 1280, "num_hidden_layers": 32, "image_size": 224, "patch_size": 14}
 DOWNLOAD_HINT = ("animator.ckpt comes from the ID-Animator Hugging Face Space "
                  "(huggingface.co/spaces/ID-Animator/ID-Animator) and goes in models/id_animator/.")
 
 
-def describe_clip_vision(config: dict) -> str:
-    width, layers = config.get("hidden_size"), config.get("num_hidden_layers")
-    known = {(1024, 24): "ViT-L/14", (1280, 32): "ViT-H/14", (1664, 48): "ViT-bigG/14", (1152, 27): "SigLIP"}
-    return f"{known.get((width, layers), 'an unknown vision model')} (width {width}, {layers} layers)"
-
-
-def read_clip_vision(name: str, path: str) -> dict:
-    """ComfyUI's own reader; where it fails, the pack's safe reader says why (or reads a misnamed file)."""
-    try:
-        return comfy.utils.load_torch_file(path, safe_load=True)
-    except Exception as error:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
-        try:
-            state = read_state_dict(path)  # weights only; names empty, truncated and code-carrying files
-        except CheckpointError as diagnosis:
-            raise CheckpointError(
-                f"clip_vision '{name}' could not be read: {diagnosis} ID-Animator needs OpenCLIP ViT-H/14 "
-                f"(CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) in models/clip_vision/.") from error
-    return state.get("state_dict", state)  # e.g. a .bin named .safetensors, read by its real format
-
-
 def load_clip_vision_h(name: str):
-    """Load through ComfyUI's own loader, then insist on OpenCLIP ViT-H/14 (official §4.3)."""
+    """The pack's safe reader and its ViT-H/14 check (official §4.3), the same as the trainer's, so
+    a wrong file gets the same message; then ComfyUI's own CLIP vision model from the tensors."""
     path = folder_paths.get_full_path_or_raise("clip_vision", name)
-    state = read_clip_vision(name, path)
+    state = read_state_dict(path)
+    state = state.get("state_dict", state)  # Lightning-era nesting
+    check_clip_vision_h(path, state)
     clip_vision = comfy.clip_vision.load_clipvision_from_sd(state, prefix="", convert_keys=True)
     if clip_vision is None:
         raise CheckpointError(
             f"clip_vision '{name}' is not a CLIP vision model ComfyUI recognises. ID-Animator needs "
             "OpenCLIP ViT-H/14 (the IP-Adapter SD1.5 image encoder, e.g. "
             "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) in models/clip_vision/.")
-    config = clip_vision.config
-    if clip_vision.model_type != "clip_vision_model" or any(config.get(k) != v for k, v in VIT_H.items()):
-        raise CheckpointError(
-            f"clip_vision '{name}' is {describe_clip_vision(config)}; ID-Animator was trained on "
-            "OpenCLIP ViT-H/14 (width 1280, 32 layers, 224 px). Select "
-            "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors (the IP-Adapter SD1.5 image encoder).")
     return clip_vision
 
 

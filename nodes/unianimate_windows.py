@@ -4,6 +4,7 @@ from __future__ import annotations
 import comfy.context_windows as cw
 from comfy_api.latest import io
 
+from ..unianimate.errors import UniAnimateInputError
 from .unianimate_model import FRAME_DIM
 
 
@@ -33,8 +34,8 @@ class UniAnimateContextWindows(io.ComfyNode):
     @classmethod
     def execute(cls, model, context_length: int, context_overlap: int) -> io.NodeOutput:
         if context_overlap >= context_length:
-            raise ValueError(f"UniAnimateContextWindows: context_overlap ({context_overlap}) must be smaller "
-                             f"than context_length ({context_length}).")
+            raise UniAnimateInputError(f"UniAnimateContextWindows: context_overlap ({context_overlap}) must be smaller "
+                                       f"than context_length ({context_length}).")
         model = model.clone()
         # static_standard at every step = the official windows (its scheduler is called with step 0);
         # flat fusion = its uniform average; no causal anchor frame (official windows have none)

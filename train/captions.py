@@ -38,7 +38,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import re
 import string
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 from ..adapter.errors import TrainingError
 from . import caption_length
+from ..adapter.files import read_jsonl, write_atomic
 from .video import Video, find_videos
 
 logger = logging.getLogger(__name__)
@@ -221,10 +221,7 @@ def caption_rows(videos: list[Video], manifest: dict[str, CaptionSource] | None 
 
 def write_captions(rows: list[dict], path: Path) -> None:
     """The JSONL file, atomically (a reader never sees half of it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def load_captions(path: str | Path) -> dict[str, str]:
@@ -234,11 +231,9 @@ def load_captions(path: str | Path) -> dict[str, str]:
         raise TrainingError(f"Captions file {path} does not exist; make it with "
                             f"`python -m id_animator.train captions VIDEOS --out {path}`.")
     captions: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path, what="captions file", numbered=True,
+                                  fix="make it again with the `captions` command"):
         try:
-            row = json.loads(line)
             video_id, caption = row["id"], row["caption"]
         except (ValueError, KeyError, TypeError) as error:
             raise TrainingError(f"{path}:{number}: not a captions row ({{\"id\", \"caption\", ...}}): "

@@ -2,9 +2,10 @@
 
 `animator.ckpt` is `torch.save({"state_dict": {image_proj_model.*, adapter_modules.*}})`, the
 first container the official loader accepts (official §3.1); the `.safetensors` twin is the flat
-layout `save_adapter_safetensors` writes. Both are written under temporary names, read back with
-our own `load_adapter_checkpoint` and compared with the adapter tensor for tensor (same dtype,
-same bits) before they take their final names: a failed export leaves no half file behind.
+layout `save_adapter_safetensors` writes. Both go through `adapter.weights_file.write_verified`
+(temporary name, fsync, re-read, bit-for-bit comparison), as `adapter.convert` does, into staged
+names, and take their final names only when both are verified: a failed export leaves no half
+file behind.
 
 Command: `python -m id_animator.train export SOURCE [--out DIR] [--dtype fp16]`, where SOURCE is a
 training state (`RUN_DIR/state/step-N`, written by accelerate's `save_state`), a RUN_DIR (its
@@ -16,7 +17,6 @@ import argparse
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from ..adapter.checkpoint import (
-    AdapterWeights, describe, load_adapter_checkpoint, official_state_dict, parse_adapter_state,
-    read_state_dict, save_adapter_safetensors)
+    AdapterWeights, describe, official_state_dict, parse_adapter_state, read_adapter_file,
+    save_adapter_ckpt, save_adapter_safetensors)
 from ..adapter.errors import CheckpointError, TrainingError
+from ..adapter.weights_file import DTYPES, read_state_dict
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # accelerate 1.15 save_state: the first prepared model as model.safetensors (safe_serialization,
 # the default) or pytorch_model.bin; DeepSpeed writes its engine checkpoint in pytorch_model/.
 STATE_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -54,30 +54,10 @@ def _adapter_weights(adapter: Any) -> tuple[AdapterWeights, dict[str, tuple[int,
         config = AdapterConfig.from_state_dict(official_state_dict(adapter, "flat"))
         return adapter, config.shapes
     module = getattr(adapter, "module", adapter)  # DDP left wrapped
+    module = getattr(module, "_orig_mod", module)  # torch.compile
     if not hasattr(module, "to_weights"):
-        raise TypeError(f"export_adapter takes a FaceAdapter or AdapterWeights, not {type(adapter).__name__}")
+        raise TrainingError(f"export_adapter takes a FaceAdapter or AdapterWeights, not {type(adapter).__name__}.")
     return module.to_weights(), module.config.shapes
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
-                       b.contiguous().reshape(-1).view(torch.uint8))
-
-
-def _verify(path: Path, weights: AdapterWeights, expected: Mapping[str, tuple[int, ...]]) -> None:
-    """Re-read `path` with our loader and compare every tensor with `weights`, bit for bit."""
-    back = load_adapter_checkpoint(path, expected=expected)
-    written, read = official_state_dict(weights, "flat"), official_state_dict(back, "flat")
-    if list(written) != list(read):
-        raise CheckpointError(f"{path}: re-read {len(read)} tensors, wrote {len(written)}.")
-    differing = [key for key, tensor in written.items() if not _same_bits(tensor, read[key])]
-    if differing:
-        raise CheckpointError(
-            f"{path}: {len(differing)} tensors read back differ from the adapter's "
-            f"({', '.join(differing[:4])}{', ...' if len(differing) > 4 else ''}): the write was "
-            f"corrupted (full disk, failing storage?). Nothing was kept; export again.")
 
 
 def export_adapter(adapter: Any, out_dir: str | Path, name: str = "animator", *,
@@ -98,21 +78,15 @@ def export_adapter(adapter: Any, out_dir: str | Path, name: str = "animator", *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = {suffix: out_dir / f"{name}{suffix}" for suffix in (".ckpt", ".safetensors")}
-    temporary: dict[str, Path] = {}
+    # staged under names that keep the real suffix (the reader's format checks read right)
+    staged = {suffix: out_dir / f".{name}.staged{suffix}" for suffix in final}
     try:
-        for suffix in final:
-            # same suffix as the final file, so the loader's messages and format checks read right
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=out_dir)
-            os.close(fd)
-            temporary[suffix] = Path(tmp)
-        torch.save(official_state_dict(weights, "state_dict"), temporary[".ckpt"])
-        save_adapter_safetensors(weights, temporary[".safetensors"])
-        for path in temporary.values():
-            _verify(path, weights, expected)
-        for suffix, path in temporary.items():
+        save_adapter_ckpt(weights, staged[".ckpt"])
+        save_adapter_safetensors(weights, staged[".safetensors"])
+        for suffix, path in staged.items():
             os.replace(path, final[suffix])
     finally:
-        for path in temporary.values():
+        for path in staged.values():
             path.unlink(missing_ok=True)
     summary = describe(weights)
     from .model import AdapterConfig
@@ -155,14 +129,16 @@ def read_adapter(source: Path) -> tuple[AdapterWeights, Path]:
     if not source.exists():
         raise TrainingError(f"{source}: no such file or folder. Give a training state "
                             f"(RUN_DIR/state/step-N), a RUN_DIR, or an adapter file.")
-    if source.is_dir():
+    from_state = source.is_dir()
+    if from_state:
         state_dir = source if any((source / n).exists() for n in (*STATE_MODEL_FILES, DEEPSPEED_MODEL_FILE)) \
             else latest_state(source)
         if state_dir is None:
             raise TrainingError(f"{source} is neither a training state (model.safetensors inside) nor "
                                 f"a RUN_DIR with state/step-N folders.")
         source = state_model_file(state_dir)
-    state: Mapping[str, Any] = read_state_dict(source)
+    # an adapter file given directly reads exactly as LoadIDAnimator reads it (same messages)
+    state: Mapping[str, Any] = read_state_dict(source) if from_state else read_adapter_file(source)
     if source.name == DEEPSPEED_MODEL_FILE.name and isinstance(state.get("module"), Mapping):
         state = state["module"]
     try:
@@ -187,8 +163,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path,
                         help="folder to write into (default for a state: RUN_DIR/exports/step-N)")
     parser.add_argument("--name", default="animator", help="file name stem (default: animator)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                        help="tensor type of the files: fp32 (as trained, ~247 MB) or fp16 (~124 MB)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="tensor type of the files: fp32 (as trained, ~247 MB), fp16 or bf16 (~124 MB)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,7 +49,6 @@ import hashlib
 import heapq
 import json
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -60,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from ..adapter.errors import IDAnimatorError, TrainingError
+from ..adapter.files import refuse_other_settings, write_atomic
 from .video import Video, find_videos
 
 logger = logging.getLogger(__name__)
@@ -141,12 +141,6 @@ class _FrameKeys:
         return int(self._keys[index])
 
 
-def shuffled_order(seed: int, frames: int) -> list[int]:
-    """The frame order a video with this seed is walked in (for tests and inspection)."""
-    keys = _FrameKeys(seed)
-    return sorted(range(frames), key=lambda i: (keys[i], i))
-
-
 # ----------------------------------------------------------------------------- decoding
 
 def _candidates(path: Path, keys: _FrameKeys, after: tuple[int, int] | None, take: int
@@ -189,10 +183,7 @@ def _crop_name(video_id: str, frame: int) -> str:
 
 def _write_json(path: Path, data: Any) -> None:
     """Atomic: a reader (or a re-run) sees the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data) + "\n")  # one line: 15k records stay small
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data) + "\n")  # one line: 15k records stay small
 
 
 def read_record(pool_dir: str | Path, video_id: str) -> dict | None:
@@ -314,28 +305,14 @@ def write_dropped_list(pool_dir: Path) -> Path:
     """POOL/dropped.txt from the records (all shards that share the folder)."""
     lines = [f"{video_id}\t{reason}\n" for video_id, reason in sorted(dropped_videos(pool_dir).items())]
     path = pool_dir / "dropped.txt"
-    tmp = path.with_name(f".dropped.txt.{os.getpid()}.tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(lines))
     return path
 
 
 def _check_settings(pool_dir: Path, settings: PoolSettings) -> None:
     """Refuse to mix pools built with other settings; record them on first use."""
-    path = pool_dir / "pool.json"
-    wanted = asdict(settings)
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise TrainingError(f"Damaged {path}: {error}; delete it if the pool's settings are "
-                                f"those you give now.") from error
-        if stored != wanted:
-            diff = ", ".join(f"{k} {stored.get(k)!r} (now {v!r})" for k, v in wanted.items() if stored.get(k) != v)
-            raise TrainingError(f"The face pool {pool_dir} was built with other settings: {diff}. "
-                                f"Use the same settings to resume it, or a new --out folder.")
-        return
-    _write_json(path, wanted)
+    refuse_other_settings(pool_dir / "pool.json", asdict(settings), what=f"The face pool {pool_dir}",
+                          fix="Use the same settings to resume it, or a new --out folder.")
 
 
 # ----------------------------------------------------------------------------- detector and workers

@@ -43,12 +43,13 @@ import numpy as np
 import torch
 
 from ..adapter.errors import TrainingError
+from ..adapter.files import append_jsonl, atomic_path, read_jsonl, refuse_other_settings, write_atomic
+from ..adapter.weights_file import DTYPES
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # 1: fixed clips (refused, see the module docstring)
 DEFAULT_STRIDE = 4  # AnimateDiff's training.yaml sample_stride
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # meta.json fields that decide the stored latents: a resume must match them all
 SETTINGS = ("format", "frames", "stride", "size", "checkpoint", "checkpoint_bytes")
 
@@ -146,21 +147,7 @@ class CachedVideo:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a last line cut short by an interruption is ignored."""
-    if not path.exists():
-        return []
-    rows = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise TrainingError(f"{path}:{number} is not valid JSON; the latent cache is damaged: "
-                                f"delete the folder and encode again.") from None
-    return rows
+    return read_jsonl(path, what="latent cache index", fix="delete the folder and encode again")
 
 
 def _finished_videos(root: Path) -> dict[str, dict[str, Any]]:
@@ -300,32 +287,14 @@ def _start_folder(root: Path, settings: dict[str, Any]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     meta_path = root / "meta.json"
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        check_format(root, old)
-        changed = [f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in SETTINGS if old.get(k) != settings[k]]
-        if changed:
-            raise TrainingError(f"{root} holds latents made with other settings ({'; '.join(changed)}); use another "
-                                f"--out folder, or delete this one to start again.")
-    else:
-        _write_atomic(meta_path, json.dumps(settings, indent=2) + "\n")
+        check_format(root, json.loads(meta_path.read_text()))
+    refuse_other_settings(meta_path, settings, what=f"{root} (latents)", keys=list(SETTINGS),
+                          fix="Use another --out folder, or delete this one to start again.")
     finished = _finished_videos(root)
     index = [row for row in _read_jsonl(root / "index.jsonl")
              if row["id"] in finished and finished[row["id"]].get("shard") == row["shard"]]
-    _write_atomic(root / "index.jsonl", "".join(json.dumps(row) + "\n" for row in index))
-    _write_atomic(root / "videos.jsonl", "".join(json.dumps(row) + "\n" for row in finished.values()))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in rows))
-        f.flush()
-        os.fsync(f.fileno())
+    write_atomic(root / "index.jsonl", "".join(json.dumps(row) + "\n" for row in index))
+    write_atomic(root / "videos.jsonl", "".join(json.dumps(row) + "\n" for row in finished.values()))
 
 
 class _ShardWriter:
@@ -360,12 +329,11 @@ class _ShardWriter:
         from safetensors.torch import save_file
 
         if self.index:  # skipped videos alone need no shard
-            tmp = self.root / f".{self.name}.tmp"
-            save_file(self.tensors, str(tmp), metadata={"format": str(FORMAT)})
-            os.replace(tmp, self.root / self.name)
-            _append(self.root / "index.jsonl", self.index)
+            with atomic_path(self.root / self.name) as tmp:
+                save_file(self.tensors, str(tmp), metadata={"format": str(FORMAT)})
+            append_jsonl(self.root / "index.jsonl", self.index)
             self.number += 1
-        _append(self.root / "videos.jsonl", self.videos)  # the commit
+        append_jsonl(self.root / "videos.jsonl", self.videos)  # the commit
         self.tensors, self.index, self.videos, self.stored = {}, [], [], 0
 
 

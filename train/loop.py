@@ -36,14 +36,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from ..adapter.clip_image import mean_colour
 from ..adapter.errors import TrainingError
+from ..adapter.files import append_jsonl, atomic_path, read_jsonl, write_atomic
 from .data import StepBatches, TrainingSet, collate
 from .lr_schedule import SCHEDULES, make_lr_scheduler
 from .sd15 import clip_penultimate, encode_prompts
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate mixed_precision
 
 
 @dataclass
@@ -75,11 +77,8 @@ def reference_crops(reference: Tensor, drop_image: Tensor) -> Tensor:
     Its CLIP-normalised pixels are exactly zero: the official null face (the uncond tokens of
     inference, official §4.4), not a black photo.
     """
-    from .sd15 import CLIP_MEAN
-
     crops = reference.float() / 255
-    mean = torch.tensor(CLIP_MEAN, device=crops.device).view(1, 3, 1, 1)
-    return torch.where(drop_image.view(-1, 1, 1, 1).to(crops.device), mean, crops)
+    return torch.where(drop_image.view(-1, 1, 1, 1).to(crops.device), mean_colour(crops), crops)
 
 
 def training_step(adapter: torch.nn.Module, frozen: FrozenModels, batch: dict[str, Any],
@@ -100,14 +99,10 @@ def training_step(adapter: torch.nn.Module, frozen: FrozenModels, batch: dict[st
     return F.mse_loss(prediction.float(), noise.float())
 
 
-def trainable_parameters(adapter: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in adapter.parameters() if p.requires_grad]
-
-
 def make_optimizer(adapter: torch.nn.Module, lr: float = 1e-4, weight_decay: float = 1e-2,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over exactly the adapter's trainable tensors (paper §4.1: lr 1e-4)."""
-    return torch.optim.AdamW(trainable_parameters(adapter), lr=lr, betas=betas,
+    return torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, betas=betas,
                              weight_decay=weight_decay, eps=eps)
 
 
@@ -207,15 +202,15 @@ def build_training_set(latents: str | Path, pool: str | Path, captions: str | Pa
 
 
 def read_loss_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The loss rows; the last one is dropped when a crash cut it short (then `truncate_loss_log`
+    rewrites the file whole on resume)."""
+    return read_jsonl(path, what="loss log", fix="delete it (only loss.png is drawn from it)")
 
 
 def truncate_loss_log(path: Path, step: int) -> None:
     """Rows after `step` came from a run that died before saving its state: drop them."""
     rows = [row for row in read_loss_log(path) if row["step"] <= step]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path, size: tuple[int, int] = (800, 480)) -> None:
@@ -239,15 +234,14 @@ def plot_loss(rows: list[dict[str, Any]], path: Path, size: tuple[int, int] = (8
         draw.text((4, bottom - 10), f"{y0:.4g}", fill="black")
         draw.text((left, bottom + 6), f"step {x0}", fill="black")
         draw.text((right - 70, bottom + 6), f"step {max(steps)}", fill="black")
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 # --- The loop --------------------------------------------------------------------------------------
 
 
-class Progress:
+class StepCounter:
     """Optimizer steps done and training seconds spent, saved with each state."""
 
     def __init__(self) -> None:
@@ -337,9 +331,9 @@ def train(args: argparse.Namespace) -> int:
         check_data_stream(resume, out, stream)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({**{k: v for k, v in vars(args).items() if k != "run"},
-                                                   "world_size": accelerator.num_processes},
-                                                  indent=1, default=str))
+        write_atomic(out / "args.json", json.dumps({**{k: v for k, v in vars(args).items() if k != "run"},
+                                                    "world_size": accelerator.num_processes},
+                                                   indent=1, default=str))
     dtype = DTYPES[accelerator.mixed_precision]
     frozen = build_frozen_models(args.checkpoint, args.motion_module, args.image_encoder, tokenizer=args.tokenizer,
                                  device=accelerator.device, dtype=dtype)
@@ -362,7 +356,7 @@ def train(args: argparse.Namespace) -> int:
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared to tell it
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
     model, optimizer = accelerator.prepare(adapter, optimizer)
-    progress = Progress()
+    progress = StepCounter()
     accelerator.register_for_checkpointing(progress, lr_scheduler)
     if resume is not None:
         accelerator.load_state(str(resume))
@@ -377,8 +371,8 @@ def train(args: argparse.Namespace) -> int:
     accelerator.init_trackers("id_animator", config={k: v for k, v in vars(args).items()
                                                      if isinstance(v, (int, float, str, bool))})
     logger.info("Training %d adapter tensors (%.1f M parameters) on %d clips, %d processes × batch %d × "
-                "accumulation %d, to step %d.", len(trainable_parameters(adapter)),
-                sum(p.numel() for p in trainable_parameters(adapter)) / 1e6, len(dataset),
+                "accumulation %d, to step %d.", len(adapter.trainable_parameters()),
+                sum(p.numel() for p in adapter.trainable_parameters()) / 1e6, len(dataset),
                 accelerator.num_processes, args.batch_size, accum, max_steps)
     bar = tqdm(total=max_steps, initial=progress.step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
@@ -412,8 +406,7 @@ def train(args: argparse.Namespace) -> int:
             window = []
             accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=progress.step)
             if accelerator.is_main_process:
-                with loss_log.open("a") as log_file:
-                    log_file.write(json.dumps(row) + "\n")
+                append_jsonl(loss_log, [row])
         if (args.save_every and progress.step % args.save_every == 0) or last:
             save_state(accelerator, out, progress.step, args.keep_states, stream)
         if (args.export_every and progress.step % args.export_every == 0) or last:
@@ -450,7 +443,7 @@ def check_replicas(accelerator: Any, adapter: torch.nn.Module, frozen: FrozenMod
             "frozen": fingerprint(frozen_tensors(frozen))}
     everyone = gather_object([mine])
     if accelerator.is_main_process:
-        (out / "replicas.json").write_text(json.dumps(everyone, indent=1))
+        write_atomic(out / "replicas.json", json.dumps(everyone, indent=1))
     compare_replicas(everyone, out, expected_frozen)
 
 

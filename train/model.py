@@ -13,7 +13,6 @@ The processors compute the official training maths (§6): unmerged, unscaled LoR
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,29 +22,15 @@ import torch
 from torch import Tensor
 
 from ..adapter.checkpoint import (
-    ADAPTER_WIDTHS, CLIP_WIDTH, FF_MULT, LORA_RANK, NUM_QUERIES, RESAMPLER_DEPTH, RESAMPLER_DIM,
-    AdapterWeights, adapter_layer_shapes, flat_shapes, official_state_dict, parse_adapter_state,
-    read_state_dict, resampler_shapes)
+    ADAPTER_WIDTHS, LORA_RANK, AdapterWeights, adapter_layer_shapes, flat_adapter_key, flat_shapes,
+    official_state_dict, parse_adapter_state, resampler_shapes)
 from ..adapter.errors import CheckpointError, TrainingError
 from ..adapter.face_attention import decoupled_attention
 from ..adapter.layer_map import LAYERS, LORA_TARGETS, TEXT_CONTEXT_DIM
-from ..adapter.resampler import Resampler
+from ..adapter.resampler import Resampler, ResamplerConfig
+from ..adapter.weights_file import read_state_dict
 
 ADAPTER_SLOTS = 2 * len(LAYERS)  # official adapter list: attn1 (even) and attn2 (odd) of 16 blocks
-
-
-@dataclass(frozen=True)
-class ResamplerConfig:
-    """Resampler hyper-parameters; the defaults are official §3.2 (= IP-Adapter-Plus SD1.5)."""
-
-    dim: int = RESAMPLER_DIM
-    depth: int = RESAMPLER_DEPTH
-    dim_head: int = 64
-    heads: int = 12
-    num_queries: int = NUM_QUERIES
-    embedding_dim: int = CLIP_WIDTH
-    output_dim: int = TEXT_CONTEXT_DIM
-    ff_mult: int = FF_MULT
 
 
 @dataclass(frozen=True)
@@ -107,7 +92,7 @@ class AdapterConfig:
         head split is not visible in shapes, so heads x dim_head is read as n x 64 where it can be."""
         flat = {}
         for key, value in state.items():
-            name = _flat_name(str(key))
+            name = flat_adapter_key(str(key))
             if name is not None and isinstance(value, Tensor):
                 flat[name] = value
         try:
@@ -133,24 +118,13 @@ class AdapterConfig:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Flat tensor names -> shapes: the table `adapter.checkpoint` readers take as `expected`."""
         return flat_shapes(
-            resampler_shapes(**dataclasses.asdict(self.resampler)),
+            resampler_shapes(self.resampler),
             {i: adapter_layer_shapes(w, self.context_dim, self.rank) for i, w in self.widths.items()})
 
     @property
     def is_sd15(self) -> bool:
         """True when the shapes are those of the released SD1.5 file (what LoadIDAnimator reads)."""
         return self.shapes == AdapterConfig.sd15().shapes
-
-
-def _flat_name(key: str) -> str | None:
-    """image_proj.<k> / face_adapter.<i>.<k> for official, accelerate or flat keys, else None."""
-    for wrapper in ("module.", "_orig_mod."):  # DDP, torch.compile
-        key = key.removeprefix(wrapper)
-    for prefix, flat in (("image_proj_model.", "image_proj."), ("adapter_modules.", "face_adapter."),
-                         ("image_proj.", "image_proj."), ("face_adapter.", "face_adapter.")):
-        if key.startswith(prefix):
-            return flat + key[len(prefix):]
-    return None
 
 
 def _attn2(unet: torch.nn.Module, name: str) -> Any:
@@ -265,7 +239,7 @@ class FaceAdapter(torch.nn.Module):
                  scale: float = 1.0) -> None:
         super().__init__()
         self.config = AdapterConfig.sd15() if config is None else config
-        self.image_proj_model = Resampler(**dataclasses.asdict(self.config.resampler))
+        self.image_proj_model = Resampler(self.config.resampler)
         self.adapter_modules = torch.nn.ModuleList(
             FaceAttnProcessor(self.config.widths[i], self.config.context_dim, self.config.rank,
                               self.config.resampler.num_queries, scale)
@@ -361,7 +335,7 @@ class FaceAdapter(torch.nn.Module):
         resampler: dict[str, Tensor] = {}
         layers: dict[int, dict[str, Tensor]] = {i: {} for i in self.config.widths}
         for key, tensor in self.state_dict().items():
-            name = _flat_name(key)
+            name = flat_adapter_key(key)
             group, _, rest = name.partition(".")
             if group == "image_proj":
                 resampler[rest] = tensor.detach().clone()
@@ -452,7 +426,7 @@ def _load_ip_adapter_plus(adapter: FaceAdapter, image_proj: dict[str, Any], ip_a
                             f"(ip-adapter-plus_sd15 or ip-adapter-plus-face_sd15), whose image_proj "
                             f"is the same Resampler.")
     config = adapter.config
-    expected = {f"image_proj.{k}": s for k, s in resampler_shapes(**dataclasses.asdict(config.resampler)).items()}
+    expected = {f"image_proj.{k}": s for k, s in resampler_shapes(config.resampler).items()}
     for index, width in config.widths.items():
         for name in ("to_k_ip.weight", "to_v_ip.weight"):
             expected[f"ip_adapter.{index}.{name}"] = (width, config.context_dim)

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..adapter.errors import IDAnimatorError, TrainingError
+from ..adapter.files import read_jsonl, write_atomic
 from .video import VIDEO_SUFFIXES, read_frames
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,16 @@ def load_prompts(path: Path | None) -> dict[str, str]:
     """JSONL rows {"id": ..., "prompt" or "caption": ...} (the captions file of training works)."""
     if path is None:
         return {}
+    if not path.is_file():
+        raise TrainingError(f"The prompts file {path} does not exist; give a JSONL file of "
+                            f'{{"id": ..., "prompt": ...}} rows (the captions file of training works).')
     prompts = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                prompts[str(row["id"])] = str(row.get("prompt", row.get("caption", "")))
-            except (ValueError, KeyError, TypeError) as error:
-                raise TrainingError(f"{path}:{number}: expected {{\"id\": ..., \"prompt\": ...}}: {error}") from error
+    for number, row in read_jsonl(path, what="prompts file", numbered=True, torn_last_line=False,
+                                  fix='each line is {"id": ..., "prompt": ...}'):
+        try:
+            prompts[str(row["id"])] = str(row.get("prompt", row.get("caption", "")))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise TrainingError(f"{path}:{number}: expected {{\"id\": ..., \"prompt\": ...}}: {error}") from error
     return prompts
 
 
@@ -142,33 +144,26 @@ class ClipImage:
     def __init__(self, path: Path, device: str) -> None:
         import torch
 
-        from .sd15 import CLIP_MEAN, CLIP_STD, load_image_encoder
+        from .sd15 import load_image_encoder
 
         self.torch = torch
         self.device = device
         self.model = load_image_encoder(path, device=device)
-        self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
     @staticmethod
     def process(image_rgb: np.ndarray) -> np.ndarray:
-        """CLIPImageProcessor's geometry: shortest side to 224 (bicubic), centre crop 224x224."""
-        from PIL import Image
+        """CLIPImageProcessor's geometry (adapter/clip_image.py): shortest side to 224, centre crop."""
+        from ..adapter.clip_image import clip_geometry
 
-        height, width = image_rgb.shape[:2]
-        scale = 224 / min(height, width)
-        size = (max(224, round(width * scale)), max(224, round(height * scale)))
-        resized = np.asarray(Image.fromarray(image_rgb).resize(size, Image.Resampling.BICUBIC))
-        top, left = (size[1] - 224) // 2, (size[0] - 224) // 2
-        return resized[top:top + 224, left:left + 224]
+        return clip_geometry(image_rgb)
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         """RGB uint8 images -> (N, 1024) float64 unit embeddings."""
-        torch = self.torch
-        pixels = torch.from_numpy(np.stack([self.process(i) for i in images])).permute(0, 3, 1, 2).float() / 255.0
-        pixels = (pixels - self.mean) / self.std
+        from ..adapter.clip_image import clip_pixels
+
+        pixels = clip_pixels(images)
         param = next(self.model.parameters())
-        with torch.no_grad():
+        with self.torch.no_grad():
             out = self.model(pixel_values=pixels.to(param.device, param.dtype)).image_embeds
         out = out.double().cpu().numpy()
         return out / np.linalg.norm(out, axis=1, keepdims=True)
@@ -255,10 +250,7 @@ def _overall(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def _csv(rows: list[list[Any]]) -> str:

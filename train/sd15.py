@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
+from ..adapter.checkpoint import check_clip_vision_h
+from ..adapter.clip_image import normalize
 from ..adapter.errors import CheckpointError, TrainingError
+from ..adapter.weights_file import KINDS, WeightsFile, expect_kind, identify
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +66,6 @@ VIT_H_CONFIG: dict[str, Any] = dict(
     hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
     image_size=224, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5,
 )
-VISION_WIDTHS = {1024: "CLIP ViT-L/14", 1280: "CLIP ViT-H/14", 1664: "CLIP ViT-bigG/14"}
-
-# CLIPImageProcessor's defaults, which ComfyUI's clip_vision configs repeat.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # AnimateDiff v2 (guoyww/animatediff-motion-adapter-v1-5-2); the mid block and the length of the
 # position tables are read from the file, so v1 (24 positions, no mid block) and v3 load too.
@@ -89,95 +87,20 @@ UNUSED_TEXT_KEYS = frozenset({f"{TEXT_PREFIX}text_projection.weight",
                               f"{TEXT_PREFIX}text_model.embeddings.position_ids"})
 
 
-# --- Reading files ---------------------------------------------------------------------------------
+# --- What a file is ---------------------------------------------------------------------------------
+
+SD15_WANTED = ("an SD1.5 single-file checkpoint, which ID-Animator trains on (UNet, VAE and text encoder in one "
+               "file, e.g. v1-5-pruned-emaonly.safetensors or a community SD1.5 model, from models/checkpoints/)")
+MOTION_WANTED = ("an AnimateDiff motion module for SD1.5 (mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt: the "
+                 "animatediff_models folder)")
 
 
-def is_safetensors(path: Path) -> bool:
-    """By content, not suffix: an 8-byte header length, then the JSON header."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-class StateFile:
-    """A weights file read lazily: its keys and shapes at once, tensors only when asked, so a
-    loader takes just its part of a 2-4 GB checkpoint into memory."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path} does not exist; give the path of the model file.")
-        try:
-            if is_safetensors(self.path):
-                from safetensors import safe_open
-
-                self._file = safe_open(str(self.path), "pt")
-                self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
-                self._state = None
-            else:
-                state = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
-                if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-                    state = state["state_dict"]  # Lightning-era .ckpt files nest the weights
-                if not isinstance(state, dict):
-                    raise CheckpointError(f"{self.path} holds a {type(state).__name__}, not a dict of weights.")
-                self._state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-                self.shapes = {k: tuple(v.shape) for k, v in self._state.items()}
-        except CheckpointError:
-            raise
-        except Exception as error:  # a truncated download, an HTML page saved as .ckpt...
-            raise CheckpointError(f"Cannot read {self.path} as a weights file ({error}). Download it again; "
-                                  f".safetensors and PyTorch .ckpt/.pt/.pth files are supported.") from error
-
-    def keys(self, prefix: str = "") -> list[str]:
-        return [k for k in self.shapes if k.startswith(prefix)]
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._state[key] if self._state is not None else self._file.get_tensor(key)
-
-    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        return {k: self.get(k) for k in self.keys(prefix)}
-
-
-def describe(shapes: dict[str, tuple[int, ...]]) -> str:
-    """What a weights file looks like, from its keys and shapes, for error messages."""
-    keys = list(shapes)
-
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if has("conditioner.embedders.1."):
-        return "an SDXL checkpoint"
-    if has("cond_stage_model.model.transformer."):
-        return "an SD2.x checkpoint (OpenCLIP text encoder)"
-    if has("down_blocks.0.motion_modules.") or has("mid_block.motion_modules."):
-        return "an AnimateDiff motion module"
-    if has("vision_model.") or has("visual.transformer."):
-        width = next((s[-1] for k, s in shapes.items() if k.endswith("embeddings.class_embedding")
-                      or k == "visual.class_embedding"), None)
-        return f"a {VISION_WIDTHS.get(width, f'CLIP vision (width {width})')} image encoder"
-    if has("image_proj_model.") or has("adapter_modules."):
-        return "an ID-Animator adapter"
-    if has("image_proj.") or has("ip_adapter."):
-        return "an IP-Adapter file"
-    if has("lora_unet_") or has("lora_te_") or any(".lora_down." in k or ".lora_A." in k for k in keys):
-        return "a LoRA"
-    if has("control_model.") or has("input_hint_block."):
-        return "a ControlNet"
-    if has(UNET_PREFIX):
-        context = next((s[1] for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
-        channels = shapes.get(f"{UNET_PREFIX}input_blocks.0.0.weight", (0, 0))[1]
-        if context not in (None, 768):
-            return f"a checkpoint whose UNet reads {context}-wide text (SD2.x or SDXL), not SD1.5's 768"
-        if channels != 4:
-            return f"a {channels}-channel (inpainting or instruct) SD1.5 checkpoint, not a plain 4-channel one"
-        return "an SD1.x checkpoint"
-    if has("input_blocks."):
-        return "a UNet-only file (diffusion_models folder), without VAE and text encoder"
-    if has("encoder.down.") and has("decoder.up."):
-        return "a standalone VAE"
-    if has("text_model.") or has("transformer.text_model."):
-        return "a text encoder only"
-    return f"an unknown file (first keys: {', '.join(keys[:3]) or 'none'})"
+def describe(file: WeightsFile) -> str:
+    """What a weights file looks like, for error messages (the shared `weights_file.KINDS` table)."""
+    kind = identify(file.shapes)
+    if kind is not None:
+        return KINDS[kind].description
+    return f"an unknown file (first keys: {', '.join(list(file.shapes)[:3]) or 'none'})"
 
 
 def _unconsumed(source: dict[str, torch.Tensor], converted: dict[str, torch.Tensor]) -> list[str]:
@@ -187,20 +110,20 @@ def _unconsumed(source: dict[str, torch.Tensor], converted: dict[str, torch.Tens
     return sorted(k for k, t in source.items() if t.data_ptr() not in used)
 
 
-def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], file: StateFile, what: str,
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], file: WeightsFile, what: str,
             dtype: torch.dtype, device: torch.device | str) -> None:
     """Load `state` into a model built on the meta device, strictly, each tensor cast once."""
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
-            f"{file.path.name} is not a usable {what}: it looks like {describe(file.shapes)}. "
+            f"{file.path.name} is not a usable {what}: it looks like {describe(file)}. "
             f"{len(missing)} weights missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}).")
     reference = model.state_dict()
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(reference[key].shape):
             raise CheckpointError(
-                f"{file.path.name} is not a usable {what}: it looks like {describe(file.shapes)}; {key} has shape "
+                f"{file.path.name} is not a usable {what}: it looks like {describe(file)}; {key} has shape "
                 f"{tuple(tensor.shape)}, {what} needs {tuple(reference[key].shape)}.")
     cast = {}
     for key in list(state):  # popped as cast, so the file's copy and ours never both stay whole
@@ -213,37 +136,29 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model.requires_grad_(False).eval()
 
 
-def _part(file: StateFile, prefix: str, what: str) -> dict[str, torch.Tensor]:
+def _part(file: WeightsFile, prefix: str, what: str) -> dict[str, torch.Tensor]:
     keys = file.keys(prefix)
     if not keys:
         raise CheckpointError(
-            f"{file.path} has no {what} ({prefix}* keys): it looks like {describe(file.shapes)}. Give a single-file "
+            f"{file.path} has no {what} ({prefix}* keys): it looks like {describe(file)}. Give a single-file "
             f"SD1.5 checkpoint (the checkpoints folder: UNet, VAE and text encoder in one file).")
     return {k: file.get(k) for k in keys}
 
 
-def _check_sd15(file: StateFile) -> None:
-    kind = describe(file.shapes)
-    if kind != "an SD1.x checkpoint":
-        raise CheckpointError(f"{file.path} is {kind}; ID-Animator trains on an SD1.5 single-file checkpoint "
-                              f"(e.g. v1-5-pruned-emaonly.safetensors or a community SD1.5 model).")
+def _check_sd15(file: WeightsFile) -> None:
+    expect_kind(file.path, file.shapes, {"sd15-checkpoint"}, SD15_WANTED)
 
 
-def unused_checkpoint_keys(checkpoint: str | Path) -> list[str]:
+def _unknown_keys(file: WeightsFile) -> list[str]:
     """Keys of an SD1.5 checkpoint outside the three models that are not known bookkeeping (the
     DDPM schedule buffers, EMA counters and copies, the unused text projection). A real file
     has none; the loaders ignore these with a warning rather than refuse a working model."""
-    file = StateFile(checkpoint)
-    return _unknown_keys(file)
-
-
-def _unknown_keys(file: StateFile) -> list[str]:
     parts = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX, "model_ema.")
     return sorted(k for k in file.shapes
                   if not k.startswith(parts) and k not in SCHEDULE_BUFFERS and k not in UNUSED_TEXT_KEYS)
 
 
-def _warn_unknown(file: StateFile) -> None:
+def _warn_unknown(file: WeightsFile) -> None:
     if unknown := _unknown_keys(file):
         log.warning("%s: %d keys belong to none of the UNet, VAE and text encoder, ignored: %s",
                     file.path.name, len(unknown), ", ".join(unknown[:5]))
@@ -259,8 +174,8 @@ def load_vae(checkpoint: str | Path, *, dtype: torch.dtype = torch.float32,
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    file = StateFile(checkpoint)
-    standalone = describe(file.shapes) == "a standalone VAE"
+    file = WeightsFile(checkpoint)
+    standalone = identify(file.shapes) == "vae"
     if not standalone:
         _check_sd15(file)
         _warn_unknown(file)
@@ -269,7 +184,7 @@ def load_vae(checkpoint: str | Path, *, dtype: torch.dtype = torch.float32,
     converted = convert_ldm_vae_checkpoint(source, SD15_VAE_CONFIG)
     if left := _unconsumed(source, converted):
         raise CheckpointError(f"{file.path.name}: the VAE conversion left {len(left)} keys unused (e.g. {left[:3]}); "
-                              f"it looks like {describe(file.shapes)}, not an SD1.5 VAE.")
+                              f"it looks like {describe(file)}, not an SD1.5 VAE.")
     with init_empty_weights():
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
     _assign(vae, converted, file, "SD1.5 VAE", dtype, device)
@@ -318,7 +233,7 @@ def load_text_encoder(checkpoint: str | Path, tokenizer_dir: str | Path | None =
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    file = StateFile(checkpoint)
+    file = WeightsFile(checkpoint)
     _check_sd15(file)
     _warn_unknown(file)
     source = {k: v for k, v in _part(file, TEXT_PREFIX, "text encoder").items() if k not in UNUSED_TEXT_KEYS}
@@ -346,7 +261,7 @@ def encode_prompts(text_encoder, tokenizer, prompts: Iterable[str]) -> torch.Ten
 # --- UNet + motion module --------------------------------------------------------------------------
 
 
-def _motion_state(file: StateFile) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _motion_state(file: WeightsFile) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A motion module file's weights in diffusers' `MotionAdapter` names, and its config.
 
     AnimateDiff stores a sinusoidal position table per temporal attention (`pos_encoder.pe`, two
@@ -355,10 +270,7 @@ def _motion_state(file: StateFile) -> tuple[dict[str, torch.Tensor], dict[str, A
     and the first of each pair becomes diffusers' buffer."""
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 
-    kind = describe(file.shapes)
-    if kind != "an AnimateDiff motion module":
-        raise CheckpointError(f"{file.path} is {kind}, not an AnimateDiff motion module (mm_sd_v15_v2.ckpt, "
-                              f"v3_sd15_mm.ckpt: the animatediff_models folder).")
+    expect_kind(file.path, file.shapes, {"motion-module"}, MOTION_WANTED)
     source = file.tensors()
     tables = {k: v for k, v in source.items() if k.endswith(".pos_encoder.pe")}
     converted = convert_animatediff_checkpoint_to_diffusers(source)
@@ -389,16 +301,16 @@ def load_unet(checkpoint: str | Path, motion_module: str | Path, *, dtype: torch
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    file = StateFile(checkpoint)
+    file = WeightsFile(checkpoint)
     _check_sd15(file)
     _warn_unknown(file)
     source = _part(file, UNET_PREFIX, "UNet")
     spatial = convert_ldm_unet_checkpoint(source, SD15_UNET_CONFIG)
     if left := _unconsumed(source, spatial):
         raise CheckpointError(f"{file.path.name}: {len(left)} UNet keys were not converted (e.g. {left[:3]}); "
-                              f"it looks like {describe(file.shapes)}, not an SD1.5 UNet.")
+                              f"it looks like {describe(file)}, not an SD1.5 UNet.")
     del source
-    motion_file = StateFile(motion_module)
+    motion_file = WeightsFile(motion_module)
     motion, motion_config = _motion_state(motion_file)
     with init_empty_weights():
         unet2d = UNet2DConditionModel(**SD15_UNET_CONFIG)
@@ -431,14 +343,11 @@ def load_image_encoder(path: str | Path, *, dtype: torch.dtype = torch.float32,
     from accelerate import init_empty_weights
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    file = StateFile(path)
-    kind = describe(file.shapes)
+    file = WeightsFile(path)
+    check_clip_vision_h(file.path, file.shapes)  # the node's check too: the same message
     if file.keys("visual.transformer."):
-        raise CheckpointError(f"{file.path} is {kind} in OpenCLIP's layout; use the transformers-layout file "
-                              f"ComfyUI's IP-Adapter guides name (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors).")
-    if kind != "a CLIP ViT-H/14 image encoder":
-        raise CheckpointError(f"{file.path} is {kind}; ID-Animator's Resampler reads CLIP ViT-H/14 features "
-                              f"(1280 wide): give CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors.")
+        raise CheckpointError(f"{file.path} is {describe(file)} in OpenCLIP's layout; use the transformers-layout "
+                              f"file ComfyUI's IP-Adapter guides name (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors).")
     state = {k: v for k, v in file.tensors().items() if k != "vision_model.embeddings.position_ids"}
     with init_empty_weights():
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_CONFIG))
@@ -449,13 +358,8 @@ def load_image_encoder(path: str | Path, *, dtype: torch.dtype = torch.float32,
 def clip_penultimate(image_encoder, crops: torch.Tensor) -> torch.Tensor:
     """(B, 3, 224, 224) RGB crops (float in [0, 1] or uint8) -> (B, 257, 1280), the penultimate
     hidden state of the CLIP-normalised crops: the Resampler's input (official §4.3)."""
-    if crops.ndim != 4 or crops.shape[1] != 3:
-        raise ValueError(f"clip_penultimate takes (B, 3, H, W) RGB crops, got {tuple(crops.shape)}")
-    pixels = crops.float() / 255.0 if crops.dtype == torch.uint8 else crops.float()
-    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
     param = next(image_encoder.parameters())
-    pixels = ((pixels - mean) / std).to(param.device, param.dtype)
+    pixels = normalize(crops).to(param.device, param.dtype)  # the pack's one CLIP preprocessing
     with torch.no_grad():
         return image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 

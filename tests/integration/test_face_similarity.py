@@ -216,7 +216,10 @@ def test_bad_inputs_end_with_clear_messages(comfy, detector_only_pack):
     photo = torch.from_numpy(np.array(Image.open(comfy.folder_paths.get_annotated_filepath(ASTRONAUT)).convert("RGB"))
                              ).float().div(255)[None]
     empty = torch.zeros((0, 64, 64, 3))
-    with pytest.raises(ValueError, match="frames batch is empty"):
+    # the pack's own error types (the pack's module, so compared by name)
+    with pytest.raises(Exception, match="frames batch is empty") as frames_error:
         node.execute(photo, empty, scorer, "largest")
-    with pytest.raises(ValueError, match="reference batch is empty"):
+    assert type(frames_error.value).__name__ == "IDAnimatorError"
+    with pytest.raises(Exception, match="reference batch is empty") as reference_error:
         node.execute(empty, photo, scorer, "largest")
+    assert type(reference_error.value).__name__ == "NoFaceError"

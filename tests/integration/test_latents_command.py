@@ -132,7 +132,7 @@ def test_rerun_skips_finished_work_and_redoes_an_interrupted_shard(cache, import
     assert not list(out.glob("shard-00002*"))
 
     changed = latents_cli(import_root, *args[:-2], "--shard-size", 3, "--stride", 2)
-    assert changed.returncode == 1 and "other settings (stride: 3 -> 2" in changed.stderr, changed.stderr[-2000:]
+    assert changed.returncode == 1 and "other settings: stride 3 (now 2)" in changed.stderr, changed.stderr[-2000:]
 
 
 def test_cache_read_rate(cache):

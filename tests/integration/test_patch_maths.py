@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from support.mixing import mixed_tokens
+
 REL_TOL = 1e-5
 
 
@@ -96,7 +98,7 @@ def expected_output(pack, call, ida, embeds, weight, total_frames, frame_indices
     tensors = ida.weights.layers[layer.official_index]
     to_k, to_v = tensors["to_k_face.weight"].float(), tensors["to_v_face.weight"].float()
     frames = call["q"].shape[0] // len(call["cond_or_uncond"])
-    cond_tokens = embeds.tokens_for_frames(frame_indices, total_frames)  # (F,16,768)
+    cond_tokens = mixed_tokens(embeds, frame_indices, total_frames)  # (F,16,768)
     cond_k, cond_v = fa.project_face_tokens(cond_tokens, to_k, to_v)
     unc_k, unc_v = fa.project_face_tokens(embeds.uncond_tokens[None], to_k, to_v)
     keys = fa.batch_face_kv(cond_k, unc_k, call["cond_or_uncond"], frames)
@@ -155,7 +157,7 @@ def test_core_context_windows_give_each_frame_its_global_morph_tokens(comfy, pac
         expected = expected_output(pack, call, ida, morph, 0.8, 6, call["index_list"])
         assert rel_err(call["out"], expected) <= REL_TOL, (call["key"], call["index_list"])
     # the morph is real: frame 0 and frame 5 use different identities
-    assert not torch.allclose(morph.tokens_for_frames([0], 6), morph.tokens_for_frames([5], 6))
+    assert not torch.allclose(mixed_tokens(morph, [0], 6), mixed_tokens(morph, [5], 6))
 
 
 def test_animatediff_evolved_sub_idxs_pick_global_frames(comfy, pack, loaded):

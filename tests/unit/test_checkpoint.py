@@ -20,7 +20,6 @@ from safetensors import safe_open
 from id_animator.adapter.checkpoint import (
     ADAPTER_SHAPES,
     EXPECTED_SHAPES,
-    LAYOUTS,
     RESAMPLER_SHAPES,
     AdapterWeights,
     load_adapter_checkpoint,
@@ -31,6 +30,7 @@ from id_animator.adapter.checkpoint import (
     save_adapter_safetensors,
 )
 from id_animator.adapter.errors import CheckpointError
+from support.layouts import LAYOUTS, container
 
 REPO = Path(__file__).resolve().parents[2]
 RESAMPLER_PARAMS, ADAPTER_PARAMS = 29_918_208, 31_899_648  # official §3.2, §3.3
@@ -128,7 +128,7 @@ def test_to_casts_every_tensor():
 def test_round_trip_every_layout(tmp_path, layout):
     weights = shared_weights()
     ckpt = tmp_path / "animator.ckpt"
-    torch.save(official_state_dict(weights, layout), ckpt)
+    torch.save(container(weights, layout), ckpt)
     loaded = load_adapter_checkpoint(ckpt)
     assert_identical(weights, loaded)
     assert len(loaded.resampler) == 51 and sum(len(layer) for layer in loaded.layers.values()) == 160
@@ -147,7 +147,7 @@ def test_round_trip_every_layout(tmp_path, layout):
 def test_round_trip_fp32_legacy_torch_file(tmp_path):
     weights = shared_weights(torch.float32)
     ckpt = tmp_path / "animator.ckpt"
-    torch.save(official_state_dict(weights, "state_dict_module"), ckpt, _use_new_zipfile_serialization=False)
+    torch.save(container(weights, "state_dict_module"), ckpt, _use_new_zipfile_serialization=False)
     assert ckpt.read_bytes()[:2] == b"\x80\x02"  # really the legacy (non-zip) format
     loaded = load_adapter_checkpoint(ckpt)
     assert_identical(weights, loaded)
@@ -237,7 +237,7 @@ def test_sd_checkpoint_is_named():
                             "first_stage_model.decoder.conv_in.weight": _zeros(4),
                             "cond_stage_model.transformer.text_model.final_layer_norm.weight": _zeros(768)}}
     message = parse_error(state)
-    assert "Stable Diffusion model checkpoint" in message and "models/checkpoints/" in message
+    assert "SD1.5 model checkpoint" in message and "models/checkpoints/" in message
 
 
 @pytest.mark.parametrize("width, name", [(1024, "ViT-L/14"), (1280, "ViT-H/14")])
@@ -245,12 +245,12 @@ def test_clip_vision_model_is_named(width, name):
     state = {"vision_model.embeddings.class_embedding": _zeros(width),
              "vision_model.post_layernorm.weight": _zeros(width)}
     message = parse_error(state)
-    assert "CLIP vision model" in message and name in message and "models/clip_vision/" in message
+    assert f"CLIP {name} vision model" in message and "models/clip_vision/" in message
 
 
 @pytest.mark.parametrize("layout", ["state_dict", "image_proj+face_adapter", "flat"])
 def test_partial_state_is_called_truncated(layout):
-    state = official_state_dict(shared_weights(), layout)
+    state = container(shared_weights(), layout)
     inner = state.get("state_dict", state.get("face_adapter", state))
     for key in list(inner)[-40:]:
         del inner[key]
@@ -354,9 +354,10 @@ def test_zip_that_is_not_a_checkpoint(tmp_path):
     assert "not a PyTorch checkpoint" in read_error(archive)
 
 
-def test_missing_file_is_an_os_error(tmp_path):
-    with pytest.raises(FileNotFoundError):
+def test_missing_file_is_an_os_error_and_a_checkpoint_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt does not exist") as info:
         load_adapter_checkpoint(tmp_path / "nope.ckpt")
+    assert isinstance(info.value, CheckpointError)
 
 
 @pytest.mark.parametrize("real, name", [("zip", "animator.safetensors"), ("legacy", "animator.safetensors"),
@@ -529,7 +530,7 @@ def _mutate(inner: dict[Any, Any], mutation: Mutation) -> bool:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layout=st.sampled_from(LAYOUTS), mutations=st.lists(MUTATIONS, max_size=3), which=st.integers(0, 1))
 def test_property_mutated_checkpoints_parse_or_raise_checkpoint_error(layout, mutations, which):
-    state = official_state_dict(shared_weights(), layout)
+    state = container(shared_weights(), layout)
     dicts = _tensor_dicts(state, layout)
     valid = True
     for mutation in mutations:

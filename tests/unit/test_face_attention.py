@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from id_animator.adapter.errors import IDAnimatorError
 from id_animator.adapter.face_attention import (
-    batch_face_kv, decoupled_attention, mix_face_kv, project_face_tokens, sdpa_attention)
+    batch_face_kv, decoupled_attention, mix_identities, project_face_tokens, sdpa_attention)
 from id_animator.adapter.identity import FaceEmbeds, Identity, blend, single_identity
 from id_animator.adapter.layer_map import LAYERS
 from id_animator.adapter.lora import attn2_lora_pairs
+from support.mixing import mixed_tokens
 
 attention_processor = pytest.importorskip("diffusers.models.attention_processor")
 
@@ -106,7 +107,7 @@ def test_attn2_layer_matches_diffusers_ip_adapter(channels: int, cond_or_uncond:
     text = torch.randn(batch, 77, CONTEXT, generator=generator)
 
     # Reference: the official layout, text(77) ‖ face(16) per row, the face tokens per chunk.
-    cond_tokens = embeds.tokens_for_frames(range(FRAMES), FRAMES)  # (F, 16, 768)
+    cond_tokens = mixed_tokens(embeds, range(FRAMES), FRAMES)  # (F, 16, 768)
     face_rows = torch.cat([cond_tokens if c == 0 else embeds.uncond_tokens.expand(FRAMES, -1, -1)
                            for c in cond_or_uncond])
     reference = reference_attn2(channels, scale, base, adapter)
@@ -126,8 +127,8 @@ def test_attn2_layer_matches_diffusers_ip_adapter(channels: int, cond_or_uncond:
     weights = embeds.frame_weights(range(FRAMES), FRAMES)
     if embeds.is_static:
         weights = weights[:1]  # one set of tokens broadcast over the frames
-    face_k = batch_face_kv(mix_face_kv(face_k, weights), uncond_k, cond_or_uncond, FRAMES)
-    face_v = batch_face_kv(mix_face_kv(face_v, weights), uncond_v, cond_or_uncond, FRAMES)
+    face_k = batch_face_kv(mix_identities(face_k, weights), uncond_k, cond_or_uncond, FRAMES)
+    face_v = batch_face_kv(mix_identities(face_v, weights), uncond_v, cond_or_uncond, FRAMES)
     q = F.linear(hidden, w["to_q"])
     out = decoupled_attention(q, F.linear(text, w["to_k"]), F.linear(text, w["to_v"]),
                               face_k, face_v, scale, HEADS)
@@ -200,9 +201,9 @@ def test_mixing_commutes_with_face_projection() -> None:
     to_v_face = torch.randn(320, CONTEXT, generator=generator) / CONTEXT ** 0.5
     weights = torch.rand(5, 3, generator=generator)
     weights = weights / weights.sum(dim=1, keepdim=True)
-    k_then_mix, v_then_mix = (mix_face_kv(x, weights)
+    k_then_mix, v_then_mix = (mix_identities(x, weights)
                               for x in project_face_tokens(tokens, to_k_face, to_v_face))
-    mix_then_k, mix_then_v = project_face_tokens(mix_face_kv(tokens, weights), to_k_face, to_v_face)
+    mix_then_k, mix_then_v = project_face_tokens(mix_identities(tokens, weights), to_k_face, to_v_face)
     assert k_then_mix.shape == (5, 16, 320)
     assert relative_error(k_then_mix, mix_then_k) <= 1e-5
     assert relative_error(v_then_mix, mix_then_v) <= 1e-5
@@ -234,12 +235,12 @@ def test_batch_face_kv_broadcasts_single_cond_and_rejects_bad_input() -> None:
         batch_face_kv(cond, uncond, [0, 2], 4)
 
 
-def test_mix_face_kv_rejects_wrong_identity_count() -> None:
+def test_mix_identities_rejects_wrong_identity_count() -> None:
     with pytest.raises(IDAnimatorError, match="identities"):
-        mix_face_kv(torch.zeros(2, 16, 8), torch.ones(3, 3))
+        mix_identities(torch.zeros(2, 16, 8), torch.ones(3, 3))
 
 
 def test_static_embeds_mix_to_their_tokens() -> None:
     embeds = FaceEmbeds(torch.randn(1, 16, 8), torch.randn(16, 8), Identity(0))
-    assert torch.equal(mix_face_kv(embeds.face_tokens, embeds.frame_weights([0], 1)),
+    assert torch.equal(mix_identities(embeds.face_tokens, embeds.frame_weights([0], 1)),
                        embeds.face_tokens)

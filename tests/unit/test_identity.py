@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from id_animator.adapter.checkpoint import (
-    AdapterWeights, load_adapter_checkpoint, official_state_dict, random_adapter_weights,
+    AdapterWeights, load_adapter_checkpoint, random_adapter_weights,
     save_adapter_safetensors)
 from id_animator.adapter.errors import IDAnimatorError
 from id_animator.adapter.identity import (
     AdapterSource, Blend, FaceEmbeds, Identity, adapter_fingerprint, average_photos, blend,
-    require_adapter, single_identity, weighted_blend)
+    require_adapter, single_identity)
+from support.layouts import container
+from support.mixing import mixed_tokens
 
 WIDTH = 768
 
@@ -38,7 +40,7 @@ def test_single_identity_holds_the_mean_and_is_static() -> None:
     assert torch.equal(embeds.face_tokens[0], tokens.mean(dim=0))
     assert embeds.uncond_tokens is uncond
     assert embeds.is_static and embeds.schedule == Identity(0)
-    assert torch.equal(embeds.tokens_for_frames(range(5), 5), embeds.face_tokens.expand(5, -1, -1))
+    assert torch.equal(mixed_tokens(embeds, range(5), 5), embeds.face_tokens.expand(5, -1, -1))
     one_photo = single_identity(tokens[0], uncond)  # (16, 768) is one photo
     assert torch.equal(one_photo.face_tokens[0], tokens[0])
 
@@ -51,9 +53,9 @@ def test_blend_zero_is_exactly_a_and_one_exactly_b(frames: int) -> None:
                        torch.tensor([[1.0, 0.0]]).expand(frames, -1))
     assert torch.equal(at_b.frame_weights(range(frames), frames),
                        torch.tensor([[0.0, 1.0]]).expand(frames, -1))
-    assert torch.equal(at_a.tokens_for_frames(range(frames), frames),
+    assert torch.equal(mixed_tokens(at_a, range(frames), frames),
                        a.face_tokens.expand(frames, -1, -1))
-    assert torch.equal(at_b.tokens_for_frames(range(frames), frames),
+    assert torch.equal(mixed_tokens(at_b, range(frames), frames),
                        b.face_tokens.expand(frames, -1, -1))
     assert torch.equal(at_b.uncond_tokens, a.uncond_tokens)
 
@@ -62,7 +64,7 @@ def test_static_blend_is_the_weighted_mean() -> None:
     a, b = person(20), person(21)
     mixed = blend(a, b, 0.3)
     assert mixed.is_static and mixed.identities == 2
-    tokens = mixed.tokens_for_frames([0, 7], 8)
+    tokens = mixed_tokens(mixed, [0, 7], 8)
     expected = 0.7 * a.face_tokens[0] + 0.3 * b.face_tokens[0]
     assert torch.allclose(tokens, expected.expand(2, -1, -1), rtol=0, atol=1e-5)
 
@@ -78,14 +80,14 @@ def test_morph_hits_endpoints_and_is_linear_between() -> None:
     expected_b = torch.tensor([0.1 + 0.6 * i / (frames - 1) for i in range(frames)])
     assert torch.allclose(weights[:, 1], expected_b, rtol=0, atol=1e-6)
     assert torch.allclose(weights.sum(dim=1), torch.ones(frames), rtol=0, atol=1e-6)
-    middle = morph.tokens_for_frames([3], frames)[0]
+    middle = mixed_tokens(morph, [3], frames)[0]
     assert torch.allclose(middle, 0.6 * a.face_tokens[0] + 0.4 * b.face_tokens[0], atol=1e-5)
 
 
 def test_full_morph_starts_at_a_and_ends_at_b() -> None:
     a, b = person(40), person(41)
     morph = blend(a, b, 0.0, 1.0)
-    tokens = morph.tokens_for_frames([0, 15], 16)
+    tokens = mixed_tokens(morph, [0, 15], 16)
     assert torch.equal(tokens[0], a.face_tokens[0])
     assert torch.equal(tokens[1], b.face_tokens[0])
 
@@ -122,21 +124,8 @@ def test_chained_three_way_blend() -> None:
     c_ab = blend(c, ab, 1.0)
     assert c_ab.schedule == Blend(Identity(0), Blend(Identity(1), Identity(2), 0.5, 0.5), 1.0, 1.0)
     assert torch.equal(c_ab.face_tokens[0], c.face_tokens[0])
-    assert torch.allclose(c_ab.tokens_for_frames([0], 1)[0],
+    assert torch.allclose(mixed_tokens(c_ab, [0], 1)[0],
                           0.5 * a.face_tokens[0] + 0.5 * b.face_tokens[0], atol=1e-5)
-
-
-def test_weighted_blend_normalises_weights() -> None:
-    people = [person(80), person(81), person(82)]
-    mixed = weighted_blend(people, [2.0, 1.0, 1.0])
-    assert mixed.is_static
-    assert torch.allclose(mixed.frame_weights([0], 1)[0], torch.tensor([0.5, 0.25, 0.25]), atol=1e-6)
-    only_second = weighted_blend(people, [0.0, 3.0, 0.0])
-    assert torch.equal(only_second.tokens_for_frames([0], 1)[0], people[1].face_tokens[0])
-    with pytest.raises(IDAnimatorError):
-        weighted_blend(people, [1.0, -1.0, 1.0])
-    with pytest.raises(IDAnimatorError):
-        weighted_blend(people, [1.0, 1.0])
 
 
 def test_invalid_inputs_are_rejected() -> None:
@@ -165,7 +154,7 @@ def test_fingerprint_is_the_same_across_loads_files_and_dtypes(full_weights, tmp
     """animator.ckpt (official state_dict container, fp32) and its fp16 flat .safetensors, each
     loaded on its own, are one adapter; so is the same file under another name."""
     ckpt = tmp_path / "animator.ckpt"
-    torch.save(official_state_dict(full_weights, "state_dict_module"), ckpt)
+    torch.save(container(full_weights, "state_dict_module"), ckpt)
     converted = tmp_path / "animator_fp16.safetensors"
     save_adapter_safetensors(full_weights.to(torch.float16), converted)
     fingerprint = adapter_fingerprint(full_weights)
@@ -208,7 +197,7 @@ B = AdapterSource("b2" * 32, "my_finetune.safetensors")
 def test_blends_refuse_embeds_of_different_adapters_and_name_both() -> None:
     a, b = tagged(100, A), tagged(101, B)
     for mix in (lambda: blend(a, b, 0.5), lambda: blend(b, a, 0.0, 1.0),
-                lambda: weighted_blend([a, tagged(102, A), b], [1.0, 1.0, 1.0])):
+                lambda: blend(blend(a, tagged(102, A), 0.5), b, 1 / 3)):
         with pytest.raises(IDAnimatorError) as error:
             mix()
         message = str(error.value)
@@ -222,7 +211,7 @@ def test_same_adapter_under_another_name_mixes_and_keeps_its_source() -> None:
     assert copy == A and hash(copy) == hash(A)
     mixed = blend(tagged(110, A), tagged(111, copy), 0.25)
     assert mixed.adapter == A and mixed.identities == 2
-    three = weighted_blend([tagged(112, A), tagged(113, A), tagged(114, copy)], [1.0, 2.0, 3.0])
+    three = blend(blend(tagged(112, A), tagged(113, A), 2 / 3), tagged(114, copy), 0.5)
     assert three.adapter == A
     # unknown origin (built in code) anywhere in a mix makes the mix's origin unknown
     assert blend(tagged(115, A), tagged(116, None), 0.5).adapter is None

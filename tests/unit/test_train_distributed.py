@@ -127,6 +127,8 @@ def test_two_processes_agree_keep_frozen_weights_and_resume_exactly(files, tmp_p
 
     launch(files, split, import_root, 2)
     assert sorted(losses(split)) == [1, 2]
+    with (split / "loss.jsonl").open("a") as log:  # a crash in the middle of appending a row
+        log.write('{"step": 3, "loss": 0.')
     launch(files, split, import_root, 3, "--resume")
     expected, resumed = losses(whole), losses(split)
     print(f"losses whole {expected}, resumed {resumed}")

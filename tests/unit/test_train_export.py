@@ -16,6 +16,7 @@ from id_animator.adapter.resampler import Resampler
 from id_animator.train import export
 from id_animator.train.cli import main as cli_main
 from id_animator.train.model import AdapterConfig, FaceAdapter, ResamplerConfig, initial_adapter
+from support.layouts import container
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,19 +93,19 @@ def test_fp16_export_is_the_cast_adapter(tmp_path) -> None:
 
 
 def corrupting(real, how):
-    """torch.save / save_adapter_safetensors that write something else than asked."""
+    """torch.save / safetensors' save_file that write something else than asked."""
     def save(obj, path, *args, **kwargs):
         if how == "flip":  # silent corruption: one value changed
-            if hasattr(obj, "resampler"):
-                obj = obj.to()  # AdapterWeights: a copy
-                obj.resampler["latents"] = obj.resampler["latents"].clone()
-                obj.resampler["latents"].view(-1)[3] += 1
-            else:
+            if "state_dict" in obj:
                 inner = dict(obj["state_dict"])
                 key = "adapter_modules.31.to_v_face.weight"
                 inner[key] = inner[key].clone()
                 inner[key].view(-1)[-1] *= -1
                 obj = {"state_dict": inner}
+            else:  # the flat safetensors layout
+                obj = dict(obj)
+                obj["image_proj.latents"] = obj["image_proj.latents"].clone()
+                obj["image_proj.latents"].view(-1)[3] += 1
         real(obj, path, *args, **kwargs)
         if how == "truncate":
             os.truncate(path, os.path.getsize(path) // 2)
@@ -121,8 +122,10 @@ def test_a_corrupted_write_is_caught_and_nothing_is_kept(tmp_path, monkeypatch, 
     if writer == "ckpt":
         monkeypatch.setattr(export.torch, "save", corrupting(torch.save, how))
     else:
-        monkeypatch.setattr(export, "save_adapter_safetensors", corrupting(export.save_adapter_safetensors, how))
-    with pytest.raises(CheckpointError, match="differ from the adapter's|truncated|corrupt|re-download"):
+        import safetensors.torch
+
+        monkeypatch.setattr(safetensors.torch, "save_file", corrupting(safetensors.torch.save_file, how))
+    with pytest.raises(CheckpointError, match="differ from those written|truncated|corrupt|re-download"):
         export.export_adapter(adapter, tmp_path)
     # no temporary left, and the previous export untouched
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
@@ -171,7 +174,7 @@ def test_cli_exports_the_latest_accelerate_state(tmp_path) -> None:
 def test_cli_rewrites_an_adapter_file(tmp_path) -> None:
     adapter = initial_adapter(AdapterConfig.sd15(), "scratch", seed=2)
     source = tmp_path / "trained.bin"
-    torch.save(official_state_dict(adapter.to_weights(), "image_proj+face_adapter"), source)
+    torch.save(container(adapter.to_weights(), "image_proj+face_adapter"), source)
     with pytest.raises(TrainingError, match="--out"):
         export.run(export_args(source))
     assert cli_main(["export", str(source), "--out", str(tmp_path / "out")]) == 0

@@ -23,7 +23,7 @@ from id_animator.adapter.face_detection import FaceDetector, detect_and_align, r
 from id_animator.train import cli
 from id_animator.train.face_pool import (
     MAX_MULTI_FACE_SHARE, PoolFace, PoolSettings, dropped_videos, load_pool, multi_face_share, parse_shard,
-    pool_video, read_record, select_shard, shuffled_order, video_seed,
+    pool_video, read_record, select_shard, video_seed, _FrameKeys,
 )
 from id_animator.train.video import Video, read_frames
 from support.videos import face_video_frames, indexed_frames, read_index, write_video
@@ -34,6 +34,13 @@ from PIL import Image  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
+
+
+def shuffled_order(seed: int, frames: int) -> list[int]:
+    """The frame order a video with this seed is walked in: frames sorted by their seeded keys."""
+    keys = _FrameKeys(seed)
+    return sorted(range(frames), key=lambda i: (keys[i], i))
+
 
 SIZE = 256
 KEEP_ALL = ("--max-multi-face-share", "1")  # the video-level filter off: frame-level behaviour alone

@@ -3,7 +3,6 @@ parity of the attention, gradients, the IP-Adapter-Plus start against diffusers'
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 
 import pytest
@@ -18,6 +17,7 @@ from id_animator.adapter.face_attention import decoupled_attention, project_face
 from id_animator.adapter.layer_map import LAYERS, LORA_TARGETS
 from id_animator.train.model import (
     AdapterConfig, FaceAdapter, FaceAttnProcessor, ResamplerConfig, initial_adapter)
+from support.layouts import container
 
 pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
@@ -317,7 +317,7 @@ def test_from_weights_refuses_wrong_shapes(tiny_unet) -> None:
 def test_init_from_an_animator_ckpt_loads_it(tmp_path) -> None:
     weights = random_adapter_weights(seed=7)
     path = tmp_path / "animator.ckpt"
-    torch.save(official_state_dict(weights, "state_dict_module"), path)
+    torch.save(container(weights, "state_dict_module"), path)
     adapter = initial_adapter(AdapterConfig.sd15(), path, seed=0, train_lora=False)
     got = adapter.to_weights()
     assert all(torch.equal(got.resampler[k], t) for k, t in weights.resampler.items())
@@ -344,7 +344,7 @@ def ip_adapter_plus_state(config: AdapterConfig, seed: int) -> dict[str, dict[st
     ip_adapter.<i>.to_k_ip/to_v_ip.weight at the odd indices 1..31."""
     generator = torch.Generator().manual_seed(seed)
     image_proj = {}
-    for key, shape in resampler_shapes(**dataclasses.asdict(config.resampler)).items():
+    for key, shape in resampler_shapes(config.resampler).items():
         tensor = torch.randn(shape, generator=generator) * 0.05
         if key.endswith(("norm1.weight", "norm2.weight", "norm_out.weight", ".1.0.weight")):
             tensor += 1.0

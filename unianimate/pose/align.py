@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...adapter.errors import PoseError
 from .keypoints import PoseKeypoints
 
 LEFT, RIGHT = 0, 1  # hands: index 0 is the left hand (COCO-WholeBody 92..112), 1 the right
@@ -129,6 +130,7 @@ def align_poses(reference: PoseKeypoints, frames: list[PoseKeypoints | None], ke
                 ) -> tuple[list[PoseKeypoints | None], Alignment]:
     """Driving poses (frame 0 first; None where no person was found) -> aligned poses."""
     if not frames or frames[0] is None:
-        raise ValueError("the first driving frame has no pose: the alignment is measured on it")
+        raise PoseError("The first driving frame has no pose: the alignment is measured on it; start the video on a "
+                        "frame that shows the whole person.")
     alignment, first = fit_alignment(reference, frames[0], keep_missing_bones)
     return [first] + [None if pose is None else apply_alignment(pose, alignment) for pose in frames[1:]], alignment

@@ -17,6 +17,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ...adapter.errors import PoseError
+
 DETECT_SIZE = (640, 640)  # (h, w) of the YOLOX input, fixed in the official code
 STRIDES = (8, 16, 32)  # YOLOX heads (no P6)
 PAD_VALUE = 114
@@ -111,5 +113,6 @@ def detect_people(session, image_bgr: np.ndarray) -> np.ndarray:
     batch, ratio = letterbox(image_bgr)
     raw = session.run(None, {session.get_inputs()[0].name: batch})[0]
     if raw.ndim != 3 or raw.shape[0] != 1 or raw.shape[2] != ROW_WIDTH:
-        raise ValueError(f"the detector returned shape {tuple(raw.shape)}, expected (1, N, {ROW_WIDTH})")
+        raise PoseError(f"The detector returned shape {tuple(raw.shape)}, expected (1, N, {ROW_WIDTH}): load the "
+                        f"official yolox_l.onnx in IDA_LoadDWPose.")
     return person_boxes(raw[0], ratio)
