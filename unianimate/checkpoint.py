@@ -4,7 +4,7 @@ strict check that names what is missing, unexpected or mis-shaped, and what the 
 The schema is derived from the config (the module built on the meta device), never listed by
 hand. The official file is a pickle saved with `torch.save`; the official loader takes the dict
 under a `state_dict` key when there is one, then loads strictly (so no `module.` prefix). Reading
-goes through `read_weights` only (the pack's safe reader: safetensors, or
+goes through `adapter.weights_file.read_state_dict` only (the pack's one safe reader: safetensors, or
 `torch.load(weights_only=True)` on the opened file; code-carrying pickles are refused unrun).
 """
 from __future__ import annotations
@@ -16,18 +16,13 @@ from typing import Any
 
 import torch
 
-from ..adapter.checkpoint import read_state_dict
+from ..adapter.weights_file import KINDS, canonical_key, identify, read_state_dict
 from .config import OFFICIAL, UniAnimateConfig
 from .errors import CheckpointError
 
 EXPECTED_FILE = ("the UniAnimate UNet, unianimate_16f_32f_non_ema_223000.pth from ModelScope iic/unianimate "
                  "(or a .safetensors conversion of it), in models/unianimate/")
 WRAPPER_KEYS = ("state_dict",)  # official E `worker`: the dict under 'state_dict' when present
-
-
-def read_weights(path: str | Path) -> dict[str, Any]:
-    """The raw dict of a weights file, read safely: the one place this package reads files."""
-    return read_state_dict(path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -40,17 +35,16 @@ def expected_shapes(config: UniAnimateConfig = OFFICIAL) -> dict[str, tuple[int,
 
 
 def unwrap(state: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
-    """(tensors, where they were): the `state_dict` wrapper and a whole-file `module.` prefix
-    (a DataParallel save) are taken off."""
+    """(tensors, where they were): the `state_dict` wrapper is taken off, and keys follow the
+    pack's one key rule (`weights_file.canonical_key`: DDP's `module.`, torch.compile's `_orig_mod.`)."""
     where = "top level"
     for key in WRAPPER_KEYS:
         inner = state.get(key)
         if isinstance(inner, Mapping):
             state, where = inner, f"under {key!r}"
-    keys = [k for k in state if isinstance(k, str)]
-    if keys and all(k.startswith("module.") for k in keys):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        where += " (prefix 'module.' removed)"
+    renamed = {canonical_key(k) if isinstance(k, str) else k: v for k, v in state.items()}
+    if renamed.keys() != state.keys():
+        state, where = renamed, where + " (training wrappers 'module.'/'_orig_mod.' removed from the keys)"
     return state, where
 
 
@@ -59,24 +53,19 @@ def _listed(items: list[str], cap: int = 5) -> str:
     return shown + (f" and {len(items) - cap} more" if len(items) > cap else "")
 
 
-def _identify(keys: set[str], shapes: dict[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> str:
-    """What a file that is not the UniAnimate UNet probably is, from its keys and shapes."""
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        width = shapes.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", (0, 0))[-1]
-        family = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x (e.g. v2-1_512-ema-pruned.ckpt)",
-                  2048: "SDXL"}.get(width, "Stable Diffusion")
-        return (f"a full {family} checkpoint (UNet, VAE and text encoder); UniAnimate uses only the VAE and "
-                "text encoder of SD2.1, which load in ComfyUI's own loaders, not here")
-    if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
-        return "a diffusers-format UNet, not the original UniAnimate layout"
-    if any(k.startswith(("visual.", "vision_model.", "transformer.resblocks")) for k in keys):
-        return "a CLIP model (e.g. open_clip_pytorch_model.bin); it goes in models/clip_vision/"
-    if any(k.startswith(("backbone.", "head.")) for k in keys) and not keys & set(expected):
-        return "a detector or pose model, not a UNet"
+def _what_it_is(tensors: Mapping[str, Any], keys: set[str], expected: Mapping[str, tuple[int, ...]]) -> str:
+    """What a file that is not the UniAnimate UNet probably is: the pack's one identifier
+    (adapter.weights_file) names other models; for UniAnimate-like files, how they differ."""
+    kind = identify(tensors)
+    if kind not in (None, "unianimate-unet"):
+        found = f"{KINDS[kind].description} (it belongs in {KINDS[kind].belongs})"
+        if kind.endswith("-unet"):
+            found += ", an image UNet without UniAnimate's temporal and pose layers: UniAnimate needs its own UNet file"
+        return found
     ours = keys & set(expected)
     if not ours:
-        return "not a UniAnimate UNet (none of its keys match)"
-    if not any("temopral_conv" in k for k in keys) and any(k.startswith("input_blocks.") for k in keys):
+        return "no model file this pack knows (none of the UniAnimate UNet's keys match)"
+    if not any("temopral_conv" in k for k in keys):
         return ("an image UNet without UniAnimate's temporal and pose layers (an SD2.1-style UNet); "
                 "UniAnimate needs its own UNet file")
     if ours == keys and len(ours) < len(expected):
@@ -114,10 +103,10 @@ def check_state_dict(state: Mapping[str, Any], source: str = "<state dict>",
         problems.append(f"not tensors: {_listed(not_tensors)}")
     if not_float:
         problems.append(f"not floating point: {_listed(not_float)}")
-    raise CheckpointError(f"{source}: not the UniAnimate UNet: it looks like {_identify(keys, shapes, expected)}. "
+    raise CheckpointError(f"{source}: not the UniAnimate UNet: it looks like {_what_it_is(tensors, keys, expected)}. "
                           f"Found {len(keys)} keys at the {where}: {'; '.join(problems)}. Expected {EXPECTED_FILE}.")
 
 
 def load_unianimate_checkpoint(path: str | Path, config: UniAnimateConfig = OFFICIAL) -> dict[str, torch.Tensor]:
     """The checked UNet tensors of a .pth/.safetensors file (CPU, dtype as stored)."""
-    return check_state_dict(read_weights(path), str(path), config)
+    return check_state_dict(read_state_dict(path), str(path), config)

@@ -15,27 +15,20 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from ..adapter.weights_file import DTYPES, write_verified
 from .checkpoint import load_unianimate_checkpoint
 from .errors import CheckpointError
 
-DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Load and check `source`, write `target`, re-read it and verify identical tensors."""
+    """Load and check `source`, write `target` (re-read and compared tensor for tensor before it
+    takes its name: `weights_file.write_verified`), and check the written file as a loader would."""
     state = load_unianimate_checkpoint(source)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(target),
-              metadata={"format": "pt", "source": Path(source).name})
-    written = load_unianimate_checkpoint(target)
-    different = [k for k, v in state.items() if written[k].dtype != v.dtype or not torch.equal(written[k], v)]
-    if different:
-        raise CheckpointError(f"{target}: verification failed, {len(different)} tensors differ after writing "
-                              f"(first: {different[0]}); the disk may be full or failing.")
-    return written
+    write_verified(target, state, metadata={"format": "pt", "source": Path(source).name})
+    return load_unianimate_checkpoint(target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Check a UniAnimate UNet file and write it as .safetensors.")
     parser.add_argument("source", type=Path, help="unianimate_16f_32f_non_ema_223000.pth (or a .safetensors)")
     parser.add_argument("target", type=Path, help="output file, ending in .safetensors")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
+    parser.add_argument("--dtype", choices=["keep", *DTYPES], default="keep",
                         help="cast the tensors (default: keep the file's dtype; fp16 halves the size)")
     args = parser.parse_args(argv)
     if args.target.suffix.lower() != ".safetensors":
         parser.error(f"the output file must end in .safetensors, got {args.target.name}")
     try:
-        written = convert(args.source, args.target, DTYPES[args.dtype])
+        written = convert(args.source, args.target, DTYPES.get(args.dtype))
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -70,7 +70,7 @@ def test_wrong_shapes_and_extra_keys_are_named(small_state):
 def test_a_stable_diffusion_checkpoint_is_named_as_such():
     sd21 = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024),
             "first_stage_model.encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)}
-    with pytest.raises(CheckpointError, match=r"Stable Diffusion 2\.x .*1544 of 1544 UNet tensors missing"):
+    with pytest.raises(CheckpointError, match=r"an SD2\.x model checkpoint .*models/checkpoints/.*1544 of 1544 UNet tensors missing"):
         check_state_dict({"state_dict": sd21}, "v2-1_512-ema-pruned.ckpt")
 
 
