@@ -26,10 +26,24 @@ RESULTS = REPO / "bench" / "results"
 
 # The test bed (tests/support) is reused, not copied; importing tests/conftest also exposes the
 # pure core as `id_animator.adapter` and reads the bootstrap's paths (IDA_* or bootstrap --print).
+# Loaded by path under its own name: inside pytest, `conftest` in sys.modules may be another
+# folder's conftest (tests/install/, tests/integration/), which has no PATHS.
 sys.path.insert(0, str(REPO / "tests"))
-import conftest  # noqa: E402
 
-PATHS = conftest.PATHS
+
+def _test_bed_conftest():
+    import importlib.util
+
+    name = "ida_tests_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+PATHS = _test_bed_conftest().PATHS
 
 
 # --attention: the ComfyUI flag each choice passes. On CPU ComfyUI's default is the sub-quadratic
