@@ -9,6 +9,8 @@ the trainer and the other model families; this module adds only what is ID-Anima
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -338,6 +340,17 @@ def load_adapter_checkpoint(path: str | Path,
     """Read and validate an ID-Animator adapter file (.ckpt/.pt/.pth/.bin or .safetensors).
     `expected`: as in `parse_adapter_state` (SD1.5's official shapes when None)."""
     return parse_adapter_state(read_adapter_file(path), source=str(path), expected=expected)
+
+
+@contextlib.contextmanager
+def clip_vision_expected() -> Iterator[None]:
+    """Around reading a clip_vision file: a file-level fault (empty, junk, truncated, code in a
+    pickle) is generic to any weights file; this adds which file goes in models/clip_vision/.
+    LoadIDAnimator and the trainer both read through it, so both give the same message."""
+    try:
+        yield
+    except CheckpointError as error:  # same type: a MissingFileError stays a FileNotFoundError
+        raise type(error)(f"{error} Expected {CLIP_VISION_WANTED}.") from error
 
 
 def check_clip_vision_h(source: str | Path, state: Mapping[Any, Any]) -> None:

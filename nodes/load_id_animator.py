@@ -10,7 +10,7 @@ import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
-from ..adapter.checkpoint import check_clip_vision_h, load_adapter_checkpoint
+from ..adapter.checkpoint import check_clip_vision_h, clip_vision_expected, load_adapter_checkpoint
 from ..adapter.errors import CheckpointError
 from ..adapter.face_detection import FaceDetector, resolve_providers
 from ..adapter.identity import AdapterSource
@@ -29,7 +29,8 @@ def load_clip_vision_h(name: str):
     """The pack's safe reader and its ViT-H/14 check (official §4.3), the same as the trainer's, so
     a wrong file gets the same message; then ComfyUI's own CLIP vision model from the tensors."""
     path = folder_paths.get_full_path_or_raise("clip_vision", name)
-    state = read_state_dict(path)
+    with clip_vision_expected():
+        state = read_state_dict(path)
     state = state.get("state_dict", state)  # Lightning-era nesting
     check_clip_vision_h(path, state)
     clip_vision = comfy.clip_vision.load_clipvision_from_sd(state, prefix="", convert_keys=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..adapter.checkpoint import check_clip_vision_h
+from ..adapter.checkpoint import check_clip_vision_h, clip_vision_expected
 from ..adapter.clip_image import normalize
 from ..adapter.errors import CheckpointError, TrainingError
 from ..adapter.weights_file import KINDS, WeightsFile, expect_kind, identify
@@ -343,7 +343,8 @@ def load_image_encoder(path: str | Path, *, dtype: torch.dtype = torch.float32,
     from accelerate import init_empty_weights
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    file = WeightsFile(path)
+    with clip_vision_expected():
+        file = WeightsFile(path)
     check_clip_vision_h(file.path, file.shapes)  # the node's check too: the same message
     if file.keys("visual.transformer."):
         raise CheckpointError(f"{file.path} is {describe(file)} in OpenCLIP's layout; use the transformers-layout "
