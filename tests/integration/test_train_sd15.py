@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from id_animator.adapter.errors import CheckpointError, TrainingError
 from id_animator.adapter.layer_map import LAYERS
+from id_animator.adapter.weights_file import sniff_format
 from id_animator.train import sd15
 from support.graphs import CLIP_VISION
 
@@ -37,7 +38,10 @@ def path(model_files, where: tuple[str, str]) -> Path:
 
 
 def file_keys(file: Path, prefix: str = "") -> dict[str, torch.Size]:
-    if file.suffix == ".safetensors":
+    # by content, not suffix: the generated files are named by content key, without one
+    with open(file, "rb") as f:
+        head = f.read(16)
+    if sniff_format(head, file.stat().st_size) == "safetensors":
         with safe_open(str(file), "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}
     state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
