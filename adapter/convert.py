@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,25 +31,33 @@ def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> Ada
     return weights
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m id_animator.adapter.convert",
-        description="Validate an ID-Animator adapter checkpoint and write it as .safetensors.")
-    parser.add_argument("source", type=Path, help="animator.ckpt (or .pt/.pth/.bin/.safetensors)")
+def conversion_cli(argv: list[str] | None, *, prog: str, description: str, source_help: str, dtype_help: str,
+                   convert_file: Callable[[Path, Path, torch.dtype | None], str]) -> int:
+    """The command line every converter of the pack shares (this one and unianimate.convert):
+    SOURCE TARGET.safetensors [--dtype]; `convert_file` writes and returns what it wrote, in words."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("source", type=Path, help=source_help)
     parser.add_argument("target", type=Path, help="output file, ending in .safetensors")
-    parser.add_argument("--dtype", choices=["keep", *DTYPES], default="keep",
-                        help="cast the tensors (default: keep the file's dtype)")
+    parser.add_argument("--dtype", choices=["keep", *DTYPES], default="keep", help=dtype_help)
     args = parser.parse_args(argv)
     if args.target.suffix.lower() != ".safetensors":
         parser.error(f"the output file must end in .safetensors, got {args.target.name}")
     try:
-        written = convert(args.source, args.target, DTYPES.get(args.dtype))
+        written = convert_file(args.source, args.target, DTYPES.get(args.dtype))
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    size = args.target.stat().st_size
-    print(f"wrote {args.target}: {describe(written)}, {size:,} bytes on disk, verified identical")
+    print(f"wrote {args.target}: {written}, {args.target.stat().st_size:,} bytes on disk, verified identical")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return conversion_cli(
+        argv, prog="python -m id_animator.adapter.convert",
+        description="Validate an ID-Animator adapter checkpoint and write it as .safetensors.",
+        source_help="animator.ckpt (or .pt/.pth/.bin/.safetensors)",
+        dtype_help="cast the tensors (default: keep the file's dtype)",
+        convert_file=lambda source, target, dtype: describe(convert(source, target, dtype)))
 
 
 if __name__ == "__main__":

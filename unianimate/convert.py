@@ -10,15 +10,14 @@ is identical. Exit status: 0 written and verified, 1 bad input file or failed ch
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from ..adapter.weights_file import DTYPES, write_verified
+from ..adapter.convert import conversion_cli
+from ..adapter.weights_file import write_verified
 from .checkpoint import load_unianimate_checkpoint
-from .errors import CheckpointError
 
 
 def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -32,23 +31,16 @@ def convert(source: Path, target: Path, dtype: torch.dtype | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m id_animator.unianimate.convert",
-                                     description="Check a UniAnimate UNet file and write it as .safetensors.")
-    parser.add_argument("source", type=Path, help="unianimate_16f_32f_non_ema_223000.pth (or a .safetensors)")
-    parser.add_argument("target", type=Path, help="output file, ending in .safetensors")
-    parser.add_argument("--dtype", choices=["keep", *DTYPES], default="keep",
-                        help="cast the tensors (default: keep the file's dtype; fp16 halves the size)")
-    args = parser.parse_args(argv)
-    if args.target.suffix.lower() != ".safetensors":
-        parser.error(f"the output file must end in .safetensors, got {args.target.name}")
-    try:
-        written = convert(args.source, args.target, DTYPES.get(args.dtype))
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.target}: {len(written)} tensors, {sum(t.numel() for t in written.values()):,} parameters, "
-          f"{args.target.stat().st_size:,} bytes, verified identical")
-    return 0
+    def convert_file(source: Path, target: Path, dtype: torch.dtype | None) -> str:
+        written = convert(source, target, dtype)
+        return f"{len(written)} tensors, {sum(t.numel() for t in written.values()):,} parameters"
+
+    return conversion_cli(
+        argv, prog="python -m id_animator.unianimate.convert",
+        description="Check a UniAnimate UNet file and write it as .safetensors.",
+        source_help="unianimate_16f_32f_non_ema_223000.pth (or a .safetensors)",
+        dtype_help="cast the tensors (default: keep the file's dtype; fp16 halves the size)",
+        convert_file=convert_file)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import types
 from pathlib import Path
 from typing import Any
 
-from support.unianimate_official import _load, official_checkout
+from support.unianimate_official import (UTILS_NAMES, _load, load_checkout_utils, official_checkout,
+                                         visible_while_importing)
 
 PACKAGE = "unianimate_official_diffusions"
 # configs/UniAnimate_infer.yaml `Diffusion` (the long config has the same values)
@@ -27,23 +28,11 @@ def official_diffusion_module(cache: Path) -> types.ModuleType:
     package = types.ModuleType(PACKAGE)
     package.__path__ = [str(root / "tools" / "modules" / "diffusions")]
     sys.modules[PACKAGE] = package
-    names = ("utils", "utils.registry", "utils.registry_class")
-    saved = {n: sys.modules.get(n) for n in names}
-    try:
-        utils = types.ModuleType("utils")
-        utils.__path__ = [str(root / "utils")]
-        sys.modules["utils"] = utils
-        _load("utils.registry", root / "utils" / "registry.py")
-        _load("utils.registry_class", root / "utils" / "registry_class.py")
+    with visible_while_importing(UTILS_NAMES):
+        load_checkout_utils(root)
         for name in ("schedules", "losses"):
             _load(f"{PACKAGE}.{name}", root / "tools" / "modules" / "diffusions" / f"{name}.py")
         return _load(f"{PACKAGE}.diffusion_ddim", root / "tools" / "modules" / "diffusions" / "diffusion_ddim.py")
-    finally:
-        for n, module in saved.items():
-            if module is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = module
 
 
 def official_ddim(cache: Path, long_video: bool = False):

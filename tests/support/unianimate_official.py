@@ -18,6 +18,7 @@ The official `utils.registry_class` is loaded from the checkout itself.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import types
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,37 @@ def _load(name: str, path: Path) -> types.ModuleType:
     return module
 
 
+UTILS_NAMES = ("utils", "utils.registry", "utils.registry_class")
+
+
+@contextlib.contextmanager
+def visible_while_importing(names: Iterable[str], stubs: dict[str, types.ModuleType] | None = None) -> Iterator[None]:
+    """`names` (and the `stubs`, put in place) are in sys.modules only inside the block, then back as
+    they were: the official files import absolute names (`utils`, `dwpose`) and stubbed packages,
+    which must never shadow a real package later (ComfyUI has its own `utils`)."""
+    stubs = stubs or {}
+    saved = {n: sys.modules.get(n) for n in (*names, *stubs)}
+    try:
+        sys.modules.update(stubs)
+        yield
+    finally:
+        for n, module in saved.items():
+            if module is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = module
+
+
+def load_checkout_utils(root: Path) -> None:
+    """The checkout's own `utils.registry_class` (the official modules register through it); call
+    inside `visible_while_importing(UTILS_NAMES)`."""
+    utils = types.ModuleType("utils")
+    utils.__path__ = [str(root / "utils")]
+    sys.modules["utils"] = utils
+    _load("utils.registry", root / "utils" / "registry.py")
+    _load("utils.registry_class", root / "utils" / "registry_class.py")
+
+
 def official_unet_module(cache: Path) -> types.ModuleType:
     """The official `unet_unianimate` module (UNetSD_UniAnimate), imported once per process."""
     if f"{PACKAGE}.unet_unianimate" in sys.modules:
@@ -162,24 +195,10 @@ def official_unet_module(cache: Path) -> types.ModuleType:
     package = types.ModuleType(PACKAGE)
     package.__path__ = [str(root / "tools" / "modules" / "unet")]
     sys.modules[PACKAGE] = package
-    # The stubs and the checkout's own `utils` are visible only while the official files import,
-    # so they never shadow a real package (ComfyUI has its own `utils`).
-    saved = {n: sys.modules.get(n) for n in (*_stub_modules(), "utils", "utils.registry", "utils.registry_class")}
-    try:
-        sys.modules.update(_stub_modules())
-        utils = types.ModuleType("utils")
-        utils.__path__ = [str(root / "utils")]
-        sys.modules["utils"] = utils
-        _load("utils.registry", root / "utils" / "registry.py")
-        _load("utils.registry_class", root / "utils" / "registry_class.py")
+    with visible_while_importing(UTILS_NAMES, _stub_modules()):
+        load_checkout_utils(root)
         _load(f"{PACKAGE}.util", root / UNET_FILES[0])
         return _load(f"{PACKAGE}.unet_unianimate", root / UNET_FILES[1])
-    finally:
-        for n, module in saved.items():
-            if module is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = module
 
 
 def official_unet(cache: Path, resolution: tuple[int, int], zero_y: torch.Tensor | None = None,

@@ -17,7 +17,6 @@ JPEG, which cannot be matched bit for bit). The DWPose model is either the offic
 from __future__ import annotations
 
 import colorsys
-import importlib.util
 import os
 import sys
 import types
@@ -28,7 +27,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from support.unianimate_official import official_checkout
+from support.unianimate_official import _load, official_checkout, visible_while_importing
 
 NAMES = ("dwpose", "dwpose.onnxdet", "dwpose.onnxpose", "dwpose.util", "dwpose.wholebody", "oss2", "matplotlib",
          "matplotlib.colors")
@@ -42,23 +41,13 @@ def _stubs() -> dict[str, types.ModuleType]:
     return {"oss2": types.ModuleType("oss2"), "matplotlib": matplotlib, "matplotlib.colors": colors}
 
 
-def _load(name: str, path: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def official_pose(cache: Path) -> dict[str, types.ModuleType]:
     """{'onnxdet', 'onnxpose', 'util', 'wholebody', 'run_align_pose'} official modules, imported once.
     The official absolute names (`dwpose.*`) are in sys.modules only while they import."""
     if _MODULES:
         return _MODULES
     root = official_checkout(cache)
-    saved = {n: sys.modules.get(n) for n in NAMES}
-    try:
-        sys.modules.update(_stubs())
+    with visible_while_importing(NAMES, _stubs()):
         package = types.ModuleType("dwpose")
         package.__path__ = [str(root / "dwpose")]
         sys.modules["dwpose"] = package
@@ -66,12 +55,6 @@ def official_pose(cache: Path) -> dict[str, types.ModuleType]:
             _MODULES[name] = _load(f"dwpose.{name}", root / "dwpose" / f"{name}.py")
             setattr(package, name, _MODULES[name])
         _MODULES["run_align_pose"] = _load("unianimate_official_run_align_pose", root / "run_align_pose.py")
-    finally:
-        for n, module in saved.items():
-            if module is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = module
     return _MODULES
 
 
