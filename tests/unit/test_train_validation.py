@@ -345,3 +345,36 @@ def test_settings_are_checked_before_training(files, tmp_path):
          "--validation-prompts", "one prompt", str(files["prompts"])]))
     assert settings.prompts == ("one prompt", "a woman smiles", "an astronaut waves")
     assert len(settings.videos) == 3 and {face for face, _ in settings.videos} == {files["faces"] / "astronaut.png"}
+
+
+def test_under_two_processes_only_the_main_one_renders_and_writes(files, tmp_path, import_root: Path):
+    """The real `train` command in 2 processes on CPU (gloo) through `accelerate launch`."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "id_animator.train", "train",
+               "--checkpoint", str(files["checkpoint"]), "--motion-module", str(files["motion"]),
+               "--image-encoder", str(files["vision"]), "--latents", str(files["latents"]),
+               "--pool", str(files["pool"]), "--captions", str(files["captions"]),
+               "--adapter-config", str(files["adapter_config"]), "--out", str(out), "--batch-size", "1",
+               "--max-steps", "2", "--save-every", "0", "--export-every", "0", "--log-every", "1",
+               "--mixed-precision", "no", "--dataloader-workers", "0", "--report-to", "none", "--init", "scratch",
+               *validation_flags(files, every=1)]
+    env = {**os.environ, "PYTHONPATH": str(import_root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    log = rows(out)
+    assert [row["step"] for row in log] == [1, 2]  # once each: one process wrote
+    assert all(len(row["videos"]) == 2 and math.isfinite(row["clip_i"]) for row in log)
+    assert result.stderr.count("Validation at step 1") == 1
+    replicas = json.loads((out / "replicas.json").read_text())
+    assert len(replicas) == 2 and replicas[0]["adapter"] == replicas[1]["adapter"]
