@@ -378,3 +378,11 @@ def test_under_two_processes_only_the_main_one_renders_and_writes(files, tmp_pat
     assert result.stderr.count("Validation at step 1") == 1
     replicas = json.loads((out / "replicas.json").read_text())
     assert len(replicas) == 2 and replicas[0]["adapter"] == replicas[1]["adapter"]
+
+
+def test_mixed_precision_renders_with_the_frozen_models_in_bf16(files, tmp_path):
+    """The frozen models (and the VAE) in bf16, the adapter in fp32, outside training's autocast."""
+    out = tmp_path / "run"
+    train(files, out, 1, *validation_flags(files, every=1), "--mixed-precision", "bf16", "--report-to", "none")
+    (row,) = rows(out)
+    assert row["step"] == 1 and math.isfinite(row["clip_i"]) and len(row["videos"]) == 2
