@@ -386,6 +386,8 @@ def train(args: argparse.Namespace) -> int:
     window: list[float] = []
     frozen_at_start = fingerprint(frozen_tensors(frozen))
     batch_iter = iter(loader)
+    if validator is not None and validation.at_start and progress.step == 0:
+        validator.run(accelerator.unwrap_model(model), 0)
     started = time.monotonic() - progress.seconds
     while progress.step < max_steps:
         losses = []

@@ -67,13 +67,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "their identity (validation.jsonl, validation.png, TensorBoard); off by default")
     group.add_argument("--validate-every", type=int, default=0, metavar="N",
                        help="validate every N optimizer steps and at the last step (default 0: off)")
+    group.add_argument("--validate-at-start", action="store_true",
+                       help="also validate before the first step (step 0: the --init adapter, e.g. IP-Adapter-Plus), "
+                       "a baseline for the plot; not again on --resume")
     group.add_argument("--validation-faces", nargs="+", type=Path, metavar="PHOTO",
                        help="held-out reference photos (people the training set does not show), or folders "
                        "of them: each photo is one identity, cropped as FaceEncode crops it")
     group.add_argument("--validation-prompts", nargs="+", metavar="PROMPT",
                        help="prompts, or .txt files with one prompt per line (default: one neutral prompt); "
                        "K = max(faces, prompts) videos, the shorter list repeated")
-    group.add_argument("--validation-negative-prompt", default=DEFAULT_NEGATIVE,
+    group.add_argument("--validation-negative-prompt", default=DEFAULT_NEGATIVE, metavar="TEXT",
                        help=f"negative prompt of classifier-free guidance (default: the official '{DEFAULT_NEGATIVE}')")
     group.add_argument("--validation-pack", type=Path, metavar="DIR",
                        help="insightface pack with a detector and a recognition model (models/insightface/models/"
@@ -81,20 +84,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--validation-provider", default="cpu", type=str.lower,
                        choices=("auto", "cpu", "cuda", "rocm", "coreml"),
                        help="onnxruntime provider of the pack (default cpu: leaves the GPU to training)")
-    group.add_argument("--validation-frames", type=int, default=16, help="frames per video (default 16)")
-    group.add_argument("--validation-steps", type=int, default=25, help="DDIM steps per video (default 25; "
+    group.add_argument("--validation-frames", type=int, metavar="N", default=16, help="frames per video (default 16)")
+    group.add_argument("--validation-steps", type=int, metavar="N", default=25, help="DDIM steps per video (default 25; "
                        "the official demo uses 30)")
-    group.add_argument("--validation-size", type=int, default=512,
+    group.add_argument("--validation-size", type=int, metavar="PX", default=512,
                        help="width and height in pixels, a multiple of 64 (default 512)")
-    group.add_argument("--validation-guidance", type=float, default=8.0,
+    group.add_argument("--validation-guidance", type=float, metavar="SCALE", default=8.0,
                        help="classifier-free guidance scale (default 8, the official demo's; 1 or less: none)")
-    group.add_argument("--validation-seed", type=int, default=0,
+    group.add_argument("--validation-seed", type=int, metavar="SEED", default=0,
                        help="video k starts from noise seeded with seed + k, the same at every validation")
 
 
 @dataclass(frozen=True)
 class Settings:
     every: int
+    at_start: bool
     faces: tuple[Path, ...]
     prompts: tuple[str, ...]
     negative_prompt: str
@@ -168,7 +172,7 @@ def settings_of(args: argparse.Namespace) -> Settings | None:
                         ("--validation-size", args.validation_size)):
         if value < 1:
             raise TrainingError(f"{flag} is {value}; give a positive number.")
-    return Settings(every=every, faces=face_photos(args.validation_faces), prompts=prompts_of(args.validation_prompts),
+    return Settings(every=every, at_start=args.validate_at_start, faces=face_photos(args.validation_faces), prompts=prompts_of(args.validation_prompts),
                     negative_prompt=args.validation_negative_prompt, pack=args.validation_pack,
                     provider=args.validation_provider, frames=args.validation_frames, steps=args.validation_steps,
                     size=args.validation_size, guidance=args.validation_guidance, seed=args.validation_seed)
@@ -233,6 +237,9 @@ class Validator:
         self.settings, self.accelerator, self.frozen = settings, accelerator, frozen
         self.out, self.max_steps = Path(out), max_steps
         self.main = accelerator.is_main_process
+        if accelerator.distributed_type == "FSDP":  # accelerate DistributedType, a str enum
+            raise TrainingError("--validate-every does not run under FSDP (the adapter's tensors are sharded, and "
+                                "only the main process renders); use DDP or DeepSpeed ZeRO-2 (train/configs/).")
         multiple = 8 * 2 ** (len(frozen.unet.config.block_out_channels) - 1)  # VAE x UNet downsampling
         if settings.size % multiple:
             raise TrainingError(f"--validation-size {settings.size} is not a multiple of {multiple} (the VAE's 8 "
@@ -308,10 +315,13 @@ class Validator:
 
     # -- one video ----------------------------------------------------------------------------
 
+    def face(self, photo: Path) -> Face:
+        return next(face for face in self.faces if face.photo == photo)
+
     def render(self, adapter: torch.nn.Module, k: int) -> np.ndarray:
         """Video k as (F, H, W, 3) uint8 frames."""
         photo, prompt = self.settings.videos[k]
-        face = self.faces[[f.photo for f in self.faces].index(photo)]
+        face = self.face(photo)
         frozen, s = self.frozen, self.settings
         text, negative = encode_prompts(frozen.text_encoder, frozen.tokenizer, [prompt, s.negative_prompt]).chunk(2)
         # [text ‖ face tokens] and [negative ‖ null face tokens]: (1, 77 + Q, D); the pipeline puts
@@ -339,8 +349,7 @@ class Validator:
         from .score import score_video
 
         photo, prompt = self.settings.videos[k]
-        face = self.faces[[f.photo for f in self.faces].index(photo)]
-        _, summary = score_video(enumerate(frames), face.references, self.models)
+        _, summary = score_video(enumerate(frames), self.face(photo).references, self.models)
         return {"video": f"{k}-{photo.stem}", "face": str(photo), "prompt": prompt, "seed": self.settings.seed + k,
                 "summary": summary}
 
@@ -403,9 +412,8 @@ def plot_validation(rows: list[dict[str, Any]], path: Path) -> None:
               for label, key in (("face similarity", "face_similarity"), ("CLIP-I", "clip_i"),
                                  ("face share", "face_share"))]
     last = rows[-1] if rows else {}
-    title = (f"identity while training (x: step): face similarity {_shown(last.get('face_similarity'))}, "
-             f"CLIP-I {_shown(last.get('clip_i'))}, face share {_shown(last.get('face_share'))} at step "
-             f"{last.get('step', '-')}")
+    title = (f"step {last.get('step', '-')}: face sim {_shown(last.get('face_similarity'))}, "
+             f"CLIP-I {_shown(last.get('clip_i'))}, share {_shown(last.get('face_share'))}")  # clear of the legend
     no_face = [row["step"] for row in rows if not row.get("face_share")]
     pixels = plot_scores(series, title, no_face=no_face, frames=steps)
     with atomic_path(path) as tmp:

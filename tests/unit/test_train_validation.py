@@ -386,3 +386,12 @@ def test_mixed_precision_renders_with_the_frozen_models_in_bf16(files, tmp_path)
     train(files, out, 1, *validation_flags(files, every=1), "--mixed-precision", "bf16", "--report-to", "none")
     (row,) = rows(out)
     assert row["step"] == 1 and math.isfinite(row["clip_i"]) and len(row["videos"]) == 2
+
+
+def test_validate_at_start_adds_a_step_0_baseline_once(files, tmp_path):
+    out = tmp_path / "run"
+    flags = [*validation_flags(files, every=2), "--validate-at-start", "--report-to", "none"]
+    train(files, out, 2, *flags)
+    assert [row["step"] for row in rows(out)] == [0, 2]
+    train(files, out, 4, *flags, "--resume")  # not again on a resume
+    assert [row["step"] for row in rows(out)] == [0, 2, 4]
