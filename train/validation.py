@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..adapter.clip_image import mean_colour
+from ..adapter.clip_image import CLIP_SIZE, mean_colour
 from ..adapter.errors import IDAnimatorError, TrainingError
 from ..adapter.files import append_jsonl, atomic_path, read_jsonl, write_atomic
 from .sd15 import clip_penultimate, encode_prompts
@@ -214,11 +214,10 @@ def sampling_scheduler(training_scheduler: Any) -> Any:
 
 @dataclass
 class Face:
-    """A held-out identity, prepared once: its photo's official crop, the frozen image encoder's
-    features of the crop (the Resampler's input) and the scorer's references."""
+    """A held-out identity, prepared once: the frozen image encoder's features of its photo's
+    official crop (the Resampler's input) and the scorer's references."""
 
     photo: Path
-    crop: np.ndarray  # (224, 224, 3) uint8, FaceEncode's crop
     features: Tensor  # (1, 257, E): CLIP penultimate states of the crop
     references: Any  # score.References
 
@@ -272,10 +271,10 @@ class Validator:
                 raise TrainingError(f"--validation-faces: no face found in {photo}. Use a clear, front-facing "
                                     f"photo where the face is at least ~60 px tall.")
             crop = torch.from_numpy(aligned.crop.copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, 224, 224)
-            self.faces.append(Face(photo, aligned.crop, clip_penultimate(frozen.image_encoder, crop.to(device)).float(),
+            self.faces.append(Face(photo, clip_penultimate(frozen.image_encoder, crop.to(device)).float(),
                                    References.of([image], self.models)))
-        self.null_features = clip_penultimate(frozen.image_encoder,  # the official null face (§4.4)
-                                              mean_colour(crop).expand_as(crop).to(device)).float()
+        null = mean_colour(torch.empty(0)).expand(1, 3, CLIP_SIZE, CLIP_SIZE)  # normalises to 0: the null face
+        self.null_features = clip_penultimate(frozen.image_encoder, null.to(device)).float()  # official §4.4
         self.vae = load_vae(checkpoint, device=device, dtype=dtype)
         self.pipeline = AnimateDiffPipeline(vae=self.vae, text_encoder=frozen.text_encoder,
                                             tokenizer=frozen.tokenizer, unet=frozen.unet, motion_adapter=None,

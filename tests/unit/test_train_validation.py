@@ -395,3 +395,35 @@ def test_validate_at_start_adds_a_step_0_baseline_once(files, tmp_path):
     assert [row["step"] for row in rows(out)] == [0, 2]
     train(files, out, 4, *flags, "--resume")  # not again on a resume
     assert [row["step"] for row in rows(out)] == [0, 2, 4]
+
+
+def test_the_unet_sees_the_official_context(bed):
+    """[negative ‖ null face] rows then [prompt ‖ face] rows, one per frame (official §7.4), the null
+    face from zero normalised pixels (official §4.4), as training's dropped face."""
+    from id_animator.train.sd15 import encode_prompts
+
+    validator, adapter, frozen = bed
+    seen = []
+    hook = frozen.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            validator.render(adapter, 0)
+    finally:
+        hook.remove()
+    assert len(seen) == 2  # one UNet call per DDIM step, the uncond and cond passes batched
+    context = seen[0]
+    frames, queries = validator.settings.frames, adapter.config.resampler.num_queries
+    assert context.shape == (2 * frames, 77 + queries, frozen.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        text, negative = encode_prompts(frozen.text_encoder, frozen.tokenizer,
+                                        ["a woman smiles", validator.settings.negative_prompt])
+        null = frozen.image_encoder(pixel_values=torch.zeros(1, 3, 224, 224), output_hidden_states=True)
+        null_face = adapter.face_tokens(null.hidden_states[-2])[0]
+        face = adapter.face_tokens(validator.faces[0].features)[0]
+    for row in range(frames):
+        torch.testing.assert_close(context[row, :77], negative, rtol=0, atol=0)
+        torch.testing.assert_close(context[row, 77:], null_face, rtol=0, atol=1e-6)
+        torch.testing.assert_close(context[frames + row, :77], text, rtol=0, atol=0)
+        torch.testing.assert_close(context[frames + row, 77:], face, rtol=0, atol=0)
+    assert not torch.allclose(face, null_face, atol=1e-3)
