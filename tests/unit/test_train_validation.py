@@ -117,13 +117,16 @@ def train(files: dict[str, Path], out: Path, max_steps: int, *extra: str) -> Non
 
 @pytest.fixture(scope="module")
 def runs(files, tmp_path_factory) -> dict[str, Path]:
-    """Four-step runs: without validation, with it every 2 steps, and 2 steps resumed to 4."""
+    """Four-step runs: without validation, with it every 2 steps, and 2 steps resumed to 4 (this one
+    with --validate-at-start)."""
     root = tmp_path_factory.mktemp("runs")
     runs = {"off": root / "off", "on": root / "on", "split": root / "split"}
     train(files, runs["off"], 4)
     train(files, runs["on"], 4, *validation_flags(files))
-    train(files, runs["split"], 2, *validation_flags(files), "--report-to", "none")
-    train(files, runs["split"], 4, *validation_flags(files), "--report-to", "none", "--resume")
+    split = [*validation_flags(files), "--report-to", "none", "--validate-at-start"]
+    train(files, runs["split"], 2, *split)
+    assert [row["step"] for row in rows(runs["split"])] == [0, 2]
+    train(files, runs["split"], 4, *split, "--resume")
     return runs
 
 
@@ -215,7 +218,9 @@ def test_validation_does_not_disturb_training(runs):
 
 def test_a_resumed_run_appends_and_reproduces_the_uninterrupted_rows(runs):
     split, whole = rows(runs["split"]), rows(runs["on"])
-    assert [row["step"] for row in split] == [2, 4]
+    assert [row["step"] for row in split] == [0, 2, 4]  # the step-0 baseline not again on --resume
+    assert split[0]["clip_i"] != split[1]["clip_i"]  # step 0 is the initial adapter
+    split = split[1:]
     for a, b in zip(split, whole):
         a.pop("seconds"), b.pop("seconds")
     assert split == whole  # the resumed run rendered and scored exactly what the uninterrupted one did
@@ -230,7 +235,7 @@ def test_a_torn_last_row_and_rows_past_the_state_are_dropped_on_resume(runs, fil
     with (out / "validation.jsonl").open("a") as log:
         log.write('{"step": 5, "face_simil')  # and while appending a row
     train(files, out, 4, *validation_flags(files), "--report-to", "none", "--resume")
-    assert [row["step"] for row in rows(out)] == [2, 4]
+    assert [row["step"] for row in rows(out)] == [0, 2, 4]
 
 
 # --- The validator, directly ---------------------------------------------------------------------
@@ -365,7 +370,7 @@ def test_under_two_processes_only_the_main_one_renders_and_writes(files, tmp_pat
                "--image-encoder", str(files["vision"]), "--latents", str(files["latents"]),
                "--pool", str(files["pool"]), "--captions", str(files["captions"]),
                "--adapter-config", str(files["adapter_config"]), "--out", str(out), "--batch-size", "1",
-               "--max-steps", "2", "--save-every", "0", "--export-every", "0", "--log-every", "1",
+               "--max-steps", "1", "--save-every", "0", "--export-every", "0", "--log-every", "1",
                "--mixed-precision", "no", "--dataloader-workers", "0", "--report-to", "none", "--init", "scratch",
                *validation_flags(files, every=1)]
     env = {**os.environ, "PYTHONPATH": str(import_root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -373,7 +378,7 @@ def test_under_two_processes_only_the_main_one_renders_and_writes(files, tmp_pat
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     log = rows(out)
-    assert [row["step"] for row in log] == [1, 2]  # once each: one process wrote
+    assert [row["step"] for row in log] == [1]  # once: one process wrote
     assert all(len(row["videos"]) == 2 and math.isfinite(row["clip_i"]) for row in log)
     assert result.stderr.count("Validation at step 1") == 1
     replicas = json.loads((out / "replicas.json").read_text())
@@ -386,15 +391,6 @@ def test_mixed_precision_renders_with_the_frozen_models_in_bf16(files, tmp_path)
     train(files, out, 1, *validation_flags(files, every=1), "--mixed-precision", "bf16", "--report-to", "none")
     (row,) = rows(out)
     assert row["step"] == 1 and math.isfinite(row["clip_i"]) and len(row["videos"]) == 2
-
-
-def test_validate_at_start_adds_a_step_0_baseline_once(files, tmp_path):
-    out = tmp_path / "run"
-    flags = [*validation_flags(files, every=2), "--validate-at-start", "--report-to", "none"]
-    train(files, out, 2, *flags)
-    assert [row["step"] for row in rows(out)] == [0, 2]
-    train(files, out, 4, *flags, "--resume")  # not again on a resume
-    assert [row["step"] for row in rows(out)] == [0, 2, 4]
 
 
 def test_the_unet_sees_the_official_context(bed):
