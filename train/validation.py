@@ -85,8 +85,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        choices=("auto", "cpu", "cuda", "rocm", "coreml"),
                        help="onnxruntime provider of the pack (default cpu: leaves the GPU to training)")
     group.add_argument("--validation-frames", type=int, metavar="N", default=16, help="frames per video (default 16)")
-    group.add_argument("--validation-steps", type=int, metavar="N", default=25, help="DDIM steps per video (default 25; "
-                       "the official demo uses 30)")
+    group.add_argument("--validation-steps", type=int, metavar="N", default=25,
+                       help="DDIM steps per video (default 25; the official demo uses 30)")
     group.add_argument("--validation-size", type=int, metavar="PX", default=512,
                        help="width and height in pixels, a multiple of 64 (default 512)")
     group.add_argument("--validation-guidance", type=float, metavar="SCALE", default=8.0,
@@ -172,9 +172,10 @@ def settings_of(args: argparse.Namespace) -> Settings | None:
                         ("--validation-size", args.validation_size)):
         if value < 1:
             raise TrainingError(f"{flag} is {value}; give a positive number.")
-    return Settings(every=every, at_start=args.validate_at_start, faces=face_photos(args.validation_faces), prompts=prompts_of(args.validation_prompts),
-                    negative_prompt=args.validation_negative_prompt, pack=args.validation_pack,
-                    provider=args.validation_provider, frames=args.validation_frames, steps=args.validation_steps,
+    return Settings(every=every, at_start=args.validate_at_start, faces=face_photos(args.validation_faces),
+                    prompts=prompts_of(args.validation_prompts), negative_prompt=args.validation_negative_prompt,
+                    pack=args.validation_pack, provider=args.validation_provider, frames=args.validation_frames,
+                    steps=args.validation_steps,
                     size=args.validation_size, guidance=args.validation_guidance, seed=args.validation_seed)
 
 
