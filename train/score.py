@@ -37,6 +37,14 @@ from .video import VIDEO_SUFFIXES, read_frames
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+PROVIDERS = {"auto": "auto", "cpu": "CPU", "cuda": "CUDA", "rocm": "ROCM", "coreml": "CoreML"}  # --provider
+
+
+def onnx_providers(choice: str) -> list[str]:
+    """A `--provider` choice (PROVIDERS) -> the onnxruntime providers of the detector and recogniser."""
+    from ..adapter.face_detection import resolve_providers
+
+    return resolve_providers(PROVIDERS.get(choice, choice))
 DECIMALS = 6
 FORMAT = 1  # of the per-video JSON; a change recomputes finished videos
 
@@ -357,7 +365,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-face", default="largest", choices=["largest", "most confident", "best match"],
                         help="which face of a frame with several is scored (default: largest)")
     parser.add_argument("--stride", type=int, default=1, help="score every Nth frame (default: every frame)")
-    parser.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "rocm", "coreml"],
+    parser.add_argument("--provider", default="auto", choices=list(PROVIDERS),
                         type=str.lower, help="onnxruntime provider for detection and recognition")
     parser.add_argument("--device", default="auto", help="torch device for CLIP (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help="recompute videos already scored")
@@ -384,7 +392,7 @@ def _settings(args: argparse.Namespace, recognizer, detector, clip_path: Path | 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..adapter.face_detection import FaceDetector, resolve_providers
+    from ..adapter.face_detection import FaceDetector
     from ..adapter.face_recognition import FaceRecognizer, detector_function
 
     if args.protocol == "opens2v":
@@ -396,8 +404,7 @@ def run(args: argparse.Namespace) -> int:
     items = find_items(args.inputs)
     prompts = load_prompts(args.prompts)
     photos = {item.id: reference_photos(args.references, item.id) for item in items}  # all checked up front
-    providers = resolve_providers({"cpu": "CPU", "cuda": "CUDA", "rocm": "ROCM", "coreml": "CoreML"}.get(
-        args.provider, args.provider))
+    providers = onnx_providers(args.provider)
     recognizer = FaceRecognizer(args.pack, providers)
     detector = FaceDetector(args.pack, providers)
     clip = None

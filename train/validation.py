@@ -43,6 +43,7 @@ from torch import Tensor
 from ..adapter.clip_image import CLIP_SIZE, mean_colour
 from ..adapter.errors import IDAnimatorError, TrainingError
 from ..adapter.files import append_jsonl, atomic_path, read_jsonl, write_atomic
+from .score import PROVIDERS
 from .sd15 import clip_penultimate, encode_prompts
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--validation-pack", type=Path, metavar="DIR",
                        help="insightface pack with a detector and a recognition model (models/insightface/models/"
                        "buffalo_l): crops the faces and scores face similarity (required with --validate-every)")
-    group.add_argument("--validation-provider", default="cpu", type=str.lower,
-                       choices=("auto", "cpu", "cuda", "rocm", "coreml"),
+    group.add_argument("--validation-provider", default="cpu", type=str.lower, choices=list(PROVIDERS),
                        help="onnxruntime provider of the pack (default cpu: leaves the GPU to training)")
     group.add_argument("--validation-frames", type=int, metavar="N", default=16, help="frames per video (default 16)")
     group.add_argument("--validation-steps", type=int, metavar="N", default=25,
@@ -252,13 +252,12 @@ class Validator:
     def _load(self, checkpoint: str | Path, dtype: torch.dtype) -> None:
         from diffusers import AnimateDiffPipeline
 
-        from ..adapter.face_detection import FaceDetector, detect_and_align, resolve_providers
+        from ..adapter.face_detection import FaceDetector, detect_and_align
         from ..adapter.face_recognition import FaceRecognizer, detector_function
-        from .score import ClipImage, Models, References, read_image
+        from .score import ClipImage, Models, References, onnx_providers, read_image
 
         frozen, device = self.frozen, self.accelerator.device
-        providers = resolve_providers({"cpu": "CPU", "cuda": "CUDA", "rocm": "ROCM", "coreml": "CoreML"}.get(
-            self.settings.provider, self.settings.provider))
+        providers = onnx_providers(self.settings.provider)
         try:
             detector = FaceDetector(self.settings.pack, providers)
             self.models = Models(detector_function(detector), FaceRecognizer(self.settings.pack, providers),
