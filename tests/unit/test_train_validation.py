@@ -7,11 +7,14 @@ recogniser (as tests/unit/test_train_score.py). The held-out face is the astrona
 
 Checks: off by default nothing is written; with --validate-every 2 a 4-step run writes rows at
 steps 2 and 4 (the scorer's keys, finite where a number is defined), the plot, the GIFs and the
-TensorBoard scalars and images; the losses, the adapter, the optimizer and the RNG state of a run
-with validation are bit-identical to those of a run without; a resumed run appends. On the
-validator itself: the render is deterministic, depends on the face and on the adapter, leaves the
-adapter's mode, gradient checkpointing, RNG and weights as they were; the scores of a video that
-shows the reference photo are the scorer's (face similarity 1, face share 1/2).
+TensorBoard scalars and images; the losses, the adapter, the optimizer and the RNG states of a
+run with validation are bit-identical to those of a run without; a resumed run appends (and
+reproduces the uninterrupted run's rows), --validate-at-start adds step 0 once; under 2 processes
+one writes; bf16 frozen models render. On the validator itself: the render is deterministic,
+depends on the face and on the adapter, leaves the adapter's mode, gradient checkpointing, RNG and
+weights as they were; the UNet sees the official [text ‖ face] / [negative ‖ null face] context;
+the scores of a video that shows the reference photo are the scorer's (face similarity 1, face
+share 1/2).
 """
 from __future__ import annotations
 
