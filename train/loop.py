@@ -16,7 +16,8 @@ Laid out like a diffusers training example: `build_frozen_models`, `build_adapte
 
 RUN_DIR: `state/step-<n>/` (accelerate save_state, for --resume), `exports/step-<n>/animator.ckpt`
 and `animator.safetensors`, `loss.jsonl` (step, loss, lr, time), `loss.png`, `logs/` (TensorBoard),
-`args.json`.
+`args.json`; with `--validate-every`, `validation.jsonl`, `validation.png` and `validation/`
+(train/validation.py: videos rendered and scored while training).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from ..adapter.files import append_jsonl, atomic_path, read_jsonl, write_atomic
 from .data import StepBatches, TrainingSet, collate
 from .lr_schedule import SCHEDULES, make_lr_scheduler
 from .sd15 import clip_penultimate, encode_prompts
+from .validation import Validator, configure as configure_validation, settings_of as validation_settings
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +328,7 @@ def train(args: argparse.Namespace) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     resume = resume_state(out, args.resume)
+    validation = validation_settings(args)  # its files checked before any model loads
     stream = data_stream(args, accelerator.num_processes)
     if resume is not None:
         check_data_stream(resume, out, stream)
@@ -368,6 +371,10 @@ def train(args: argparse.Namespace) -> int:
     loss_log = out / "loss.jsonl"
     if accelerator.is_main_process:
         truncate_loss_log(loss_log, progress.step)
+    validator = None
+    if validation is not None:
+        validator = Validator(validation, accelerator, frozen, args.checkpoint, out, dtype, max_steps)
+        validator.resume(progress.step)
     accelerator.init_trackers("id_animator", config={k: v for k, v in vars(args).items()
                                                      if isinstance(v, (int, float, str, bool))})
     logger.info("Training %d adapter tensors (%.1f M parameters) on %d clips, %d processes × batch %d × "
@@ -379,6 +386,8 @@ def train(args: argparse.Namespace) -> int:
     window: list[float] = []
     frozen_at_start = fingerprint(frozen_tensors(frozen))
     batch_iter = iter(loader)
+    if validator is not None and validation.at_start and progress.step == 0:
+        validator.run(accelerator.unwrap_model(model), 0)
     started = time.monotonic() - progress.seconds
     while progress.step < max_steps:
         losses = []
@@ -407,6 +416,8 @@ def train(args: argparse.Namespace) -> int:
             accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=progress.step)
             if accelerator.is_main_process:
                 append_jsonl(loss_log, [row])
+        if validator is not None and validator.due(progress.step):  # before the state: a resume redoes it
+            validator.run(accelerator.unwrap_model(model), progress.step)
         if (args.save_every and progress.step % args.save_every == 0) or last:
             save_state(accelerator, out, progress.step, args.keep_states, stream)
         if (args.export_every and progress.step % args.export_every == 0) or last:
@@ -601,6 +612,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            help="export animator.ckpt every N steps (0: only at the end)")
     run_group.add_argument("--log-every", type=int, default=10, help="loss log row every N steps")
     run_group.add_argument("--report-to", choices=("tensorboard", "none"), default="tensorboard")
+    configure_validation(parser)
 
 
 def run(args: argparse.Namespace) -> int:

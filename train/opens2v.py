@@ -191,17 +191,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..adapter.curricularface import CurricularFace
-    from ..adapter.face_detection import FaceDetector, resolve_providers
+    from ..adapter.face_detection import FaceDetector
     from ..adapter.face_recognition import FaceRecognizer
-    from .score import _write, find_items, read_image, reference_photos
+    from .score import _write, find_items, onnx_providers, read_image, reference_photos
 
     if args.curricularface is None:
         raise TrainingError("--protocol opens2v needs --curricularface FILE: the CurricularFace IR-101 backbone "
                             "(glint360k_curricular_face_r101_backbone.bin from OpenS2V-Weight) or its ONNX export.")
     items = find_items(args.inputs)
     photos = {item.id: reference_photos(args.references, item.id)[0] for item in items}  # OpenS2V: one photo
-    providers = resolve_providers({"cpu": "CPU", "cuda": "CUDA", "rocm": "ROCM", "coreml": "CoreML"}.get(
-        args.provider, args.provider))
+    providers = onnx_providers(args.provider)
     detector, recognizer = FaceDetector(args.pack, providers), FaceRecognizer(args.pack, providers)
     device = "cpu" if args.device == "auto" and not _cuda() else ("cuda" if args.device == "auto" else args.device)
     curricularface = CurricularFace(args.curricularface, device, providers)

@@ -23,7 +23,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,14 @@ from .video import VIDEO_SUFFIXES, read_frames
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+PROVIDERS = {"auto": "auto", "cpu": "CPU", "cuda": "CUDA", "rocm": "ROCM", "coreml": "CoreML"}  # --provider
+
+
+def onnx_providers(choice: str) -> list[str]:
+    """A `--provider` choice (PROVIDERS) -> the onnxruntime providers of the detector and recogniser."""
+    from ..adapter.face_detection import resolve_providers
+
+    return resolve_providers(PROVIDERS.get(choice, choice))
 DECIMALS = 6
 FORMAT = 1  # of the per-video JSON; a change recomputes finished videos
 
@@ -141,14 +149,19 @@ def frames_of(item: Item, stride: int) -> Iterator[tuple[int, np.ndarray]]:
 class ClipImage:
     """CLIP ViT-H/14 image embeddings (after the projection), as CLIP-I uses them."""
 
-    def __init__(self, path: Path, device: str) -> None:
+    def __init__(self, model: Any) -> None:
+        """`model`: a transformers CLIPVisionModelWithProjection (the trainer's frozen one works)."""
         import torch
 
+        self.torch = torch
+        self.model = model
+
+    @classmethod
+    def load(cls, path: Path, device: str) -> "ClipImage":
+        """From ComfyUI's clip_vision file (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)."""
         from .sd15 import load_image_encoder
 
-        self.torch = torch
-        self.device = device
-        self.model = load_image_encoder(path, device=device)
+        return cls(load_image_encoder(path, device=device))
 
     @staticmethod
     def process(image_rgb: np.ndarray) -> np.ndarray:
@@ -180,32 +193,60 @@ def _round(value: float | None) -> float | None:
 def score_item(item: Item, photos: list[Path], prompt: str | None, models: "Models", settings: dict[str, Any],
                progress) -> dict[str, Any]:
     """The per-video record (JSON-ready)."""
-    from ..adapter.face_detection import align_face, select_face
-    from ..adapter.face_recognition import embed_references, score_frame, unit
-
     images = [read_image(p) for p in photos]
     try:
-        reference = embed_references(images, models.detect, models.recognizer)
+        reference = References.of(images, models)
     except IDAnimatorError as error:
         raise TrainingError(f"{item.id}: {error} (reference photos: {', '.join(map(str, photos))})") from error
-    clip_reference = None
-    if models.clip is not None:  # the official 224 crop of the most confident face, as FaceEncode
-        crops = [align_face(image, select_face(models.detect(image), "most confident").kps) for image in images]
-        clip_reference = unit(models.clip.embed(crops).mean(axis=0))
+    rows, summary = score_video(frames_of(item, settings["stride"]), reference, models, settings["frame_face"],
+                                lambda: progress.update(1))
+    if not rows:
+        raise TrainingError(f"{item.path} has no frames to score.")
+    return {"id": item.id, "video": str(item.path), "references": [str(p) for p in photos], "prompt": prompt,
+            "format": FORMAT, "settings": settings, "frames": rows, "summary": summary}
+
+
+@dataclass(frozen=True)
+class References:
+    """What a video is scored against: the ArcFace reference embedding and, with CLIP, the unit
+    CLIP-I embedding of the photos' official 224 crops (most confident face, as FaceEncode)."""
+
+    arcface: np.ndarray
+    clip: np.ndarray | None
+
+    @classmethod
+    def of(cls, images: list[np.ndarray], models: "Models") -> "References":
+        """Raises NoFaceError naming the photos without a face."""
+        from ..adapter.face_detection import align_face, select_face
+        from ..adapter.face_recognition import embed_references, unit
+
+        arcface = embed_references(images, models.detect, models.recognizer)
+        clip = None
+        if models.clip is not None:
+            crops = [align_face(image, select_face(models.detect(image), "most confident").kps) for image in images]
+            clip = unit(models.clip.embed(crops).mean(axis=0))
+        return cls(arcface, clip)
+
+
+def score_video(frames: Iterable[tuple[int, np.ndarray]], reference: References, models: "Models",
+                frame_face: str = "largest", progress: Callable[[], None] | None = None
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(per-frame rows, summary) of (index, RGB uint8 frame) pairs: the numbers of `score`, also
+    used by validation while training (train/validation.py)."""
+    from ..adapter.face_recognition import score_frame
+
     rows, embeddings = [], []
-    for index, frame in frames_of(item, settings["stride"]):
-        score = score_frame(index, frame, reference, models.detect, models.recognizer, settings["frame_face"])
-        clip_i = float(models.clip.embed([frame])[0] @ clip_reference) if models.clip is not None else None
+    for index, frame in frames:
+        score = score_frame(index, frame, reference.arcface, models.detect, models.recognizer, frame_face)
+        clip_i = float(models.clip.embed([frame])[0] @ reference.clip) if reference.clip is not None else None
         if score.embedding is not None:
             embeddings.append(score.embedding)
         rows.append({"frame": index, "faces_found": score.faces_found,
                      "box": None if score.face is None else [_round(v) for v in score.face.bbox],
                      "face_similarity": _round(score.similarity), "clip_i": _round(clip_i)})
-        progress.update(1)
-    if not rows:
-        raise TrainingError(f"{item.path} has no frames to score.")
-    return {"id": item.id, "video": str(item.path), "references": [str(p) for p in photos], "prompt": prompt,
-            "format": FORMAT, "settings": settings, "frames": rows, "summary": summarise(rows, embeddings)}
+        if progress is not None:
+            progress()
+    return rows, (summarise(rows, embeddings) if rows else {})
 
 
 def summarise(rows: list[dict[str, Any]], embeddings: list[np.ndarray]) -> dict[str, Any]:
@@ -237,7 +278,7 @@ def _table(records: list[dict[str, Any]], overall: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _overall(records: list[dict[str, Any]]) -> dict[str, Any]:
+def mean_of_videos(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Each video counts once: the mean of the per-video means (videos without a value left out)."""
     def mean(key: str) -> float | None:
         values = [r["summary"][key] for r in records if r["summary"][key] is not None]
@@ -277,7 +318,7 @@ def _plot(record: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(out: Path, records: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    overall = _overall(records)
+    overall = mean_of_videos(records)
     table = _table(records, overall)
     _write(out / "scores.json", json.dumps({"settings": settings, "summary": overall["summary"],
                                             "videos": records}, indent=1) + "\n")
@@ -324,7 +365,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-face", default="largest", choices=["largest", "most confident", "best match"],
                         help="which face of a frame with several is scored (default: largest)")
     parser.add_argument("--stride", type=int, default=1, help="score every Nth frame (default: every frame)")
-    parser.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "rocm", "coreml"],
+    parser.add_argument("--provider", default="auto", choices=list(PROVIDERS),
                         type=str.lower, help="onnxruntime provider for detection and recognition")
     parser.add_argument("--device", default="auto", help="torch device for CLIP (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help="recompute videos already scored")
@@ -351,7 +392,7 @@ def _settings(args: argparse.Namespace, recognizer, detector, clip_path: Path | 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..adapter.face_detection import FaceDetector, resolve_providers
+    from ..adapter.face_detection import FaceDetector
     from ..adapter.face_recognition import FaceRecognizer, detector_function
 
     if args.protocol == "opens2v":
@@ -363,8 +404,7 @@ def run(args: argparse.Namespace) -> int:
     items = find_items(args.inputs)
     prompts = load_prompts(args.prompts)
     photos = {item.id: reference_photos(args.references, item.id) for item in items}  # all checked up front
-    providers = resolve_providers({"cpu": "CPU", "cuda": "CUDA", "rocm": "ROCM", "coreml": "CoreML"}.get(
-        args.provider, args.provider))
+    providers = onnx_providers(args.provider)
     recognizer = FaceRecognizer(args.pack, providers)
     detector = FaceDetector(args.pack, providers)
     clip = None
@@ -372,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        clip = ClipImage(args.image_encoder, device)
+        clip = ClipImage.load(args.image_encoder, device)
     else:
         log.warning("No --image-encoder: CLIP-I is not computed.")
     models = Models(detector_function(detector), recognizer, clip)

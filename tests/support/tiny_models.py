@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
     from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
 BLOCKS = (32, 64, 64, 64)  # UNet block widths (SD1.5: 320, 640, 1280, 1280)
@@ -67,3 +67,14 @@ def tiny_image_encoder() -> CLIPVisionModelWithProjection:
     return CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=FEATURES, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224,
         patch_size=14, projection_dim=CONTEXT))
+
+
+def tiny_vae(sample_size: int = 64) -> AutoencoderKL:
+    """An SD-layout AutoencoderKL (4 blocks: 8x downsampling, 4 latent channels) at width 32, for
+    decoding validation videos of the tiny UNet."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                         block_out_channels=(32,) * 4, norm_num_groups=32, sample_size=sample_size,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         scaling_factor=0.18215)
