@@ -33,7 +33,7 @@ def checkout(cache: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     if not (_from_archive(url, tmp) or _from_shallow_fetch(url, tmp)):
         shutil.rmtree(tmp, ignore_errors=True)
-        pytest.skip(f"OpenS2V-Nexus {COMMIT[:10]} unavailable from {url}: set IDA_PACK_URL to a git URL template "
+        pytest.skip(f"third-party packs unavailable: OpenS2V-Nexus {COMMIT[:10]} from {url}; set IDA_PACK_URL to a git URL template "
                     f"that reaches {REPO}, e.g. 'file:///srv/git/{{owner}}+{{name}}/repo'")
     os.replace(tmp, folder)
     return folder / "eval"
