@@ -246,6 +246,8 @@ def _reached_definitions(write: Callable[[Path], None]) -> list[str]:
         # defaults are evaluated where the function is defined, so a named constant there is a value
         parts.extend(repr((f.__defaults__, f.__kwdefaults__)) for f in functions)
         for name in sorted(set().union(*(_code_names(f.__code__) for f in functions))):
+            if name.startswith("__"):
+                continue  # module attributes such as __file__ name the checkout, not the model: a clone elsewhere must hit
             for module in modules:
                 value = vars(module).get(name)
                 if inspect.isfunction(value) or inspect.isclass(value):
