@@ -111,20 +111,19 @@ def test_workflow_loads_as_written(page, artifacts, name):
             assert blend["type"] == "slider" and blend["options"] == {"min": 0, "max": 1}, blend
 
 
-def render_id_image_from_the_page(page, browser_server, face_index: int = 0) -> tuple[dict, str]:
+def render_id_image_from_the_page(page, browser_server) -> tuple[dict, str]:
     """Load id_image, lower size and steps through the widgets as a user would (so the CPU renders
-    in seconds) and press Queue; returns (history, the Save Image node id). A node the server
-    answers from its cache sends the page nothing: a new `face_index` (unused with 'most
-    confident') makes FaceEncode run, and show its crops, again."""
+    in seconds) and press Queue; returns (history, the Save Image node id). The server's first run
+    of id_image: a node it answered from its cache would send the page nothing (no crops)."""
     load_from_server(page, "id_image")
-    page.evaluate("""([size, steps, face_index]) => {
+    page.evaluate("""([size, steps]) => {
         const set = (type, name, value) => {
             const w = app.graph.nodes.find(n => n.type === type).widgets.find(w => w.name === name);
             w.value = value; w.callback?.(value);
         };
         set('EmptyLatentImage', 'width', size); set('EmptyLatentImage', 'height', size);
-        set('KSampler', 'steps', steps); set('FaceEncode', 'face_index', face_index);
-    }""", [workflow_bed.CI_SIZE, workflow_bed.CI_STEPS, face_index])
+        set('KSampler', 'steps', steps);
+    }""", [workflow_bed.CI_SIZE, workflow_bed.CI_STEPS])
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as posted:
         page.locator("[data-testid=queue-button]").click()
     reply = posted.value.json()
@@ -135,7 +134,10 @@ def render_id_image_from_the_page(page, browser_server, face_index: int = 0) -> 
     return history, save_id
 
 
-def test_id_image_queued_from_the_page_renders_an_image(page, browser_server, artifacts):
+def test_id_image_queued_from_the_page_renders_an_image_and_id_mix_shows_its_faces(page, browser_server, artifacts):
+    """One render from the page (the CPU's costliest step here) serves two checks: the Save Image
+    node shows the picture, and web/js/id_mix_faces.js: an IDMix fed by Face Encode nodes that have
+    run draws their crops."""
     history, save_id = render_id_image_from_the_page(page, browser_server)
     assert history["outputs"][save_id]["images"], history["outputs"]
     # The page got the result too: the Save Image node shows the picture.
@@ -144,10 +146,6 @@ def test_id_image_queued_from_the_page_renders_an_image(page, browser_server, ar
                            arg=save_id, timeout=180_000)
     page.screenshot(path=str(artifacts / "id_image_result.png"))
 
-
-def test_id_mix_shows_both_faces_after_they_are_encoded(page, browser_server, artifacts):
-    """web/js/id_mix_faces.js: an IDMix fed by Face Encode nodes that have run draws their crops."""
-    render_id_image_from_the_page(page, browser_server, face_index=1)
     encode_id = next(n["id"] for n in workflow_bed.load("id_image")["nodes"] if n["type"] == "FaceEncode")
     page.wait_for_function("(id) => (app.graph.getNodeById(id).imgs || []).length > 0", arg=encode_id, timeout=60_000)
     result = page.evaluate("""async () => {

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
 import make_workflows
-import ui_format
+import ui_format  # noqa: F401,E402  (the tests reach it as workflow_bed.ui_format)
 import workflow_spec
 
 PACK_FOLDER = "id_animator"  # custom_nodes/<this> in the test bed (support.harness.make_base)
@@ -102,28 +102,3 @@ def shrink(name: str, prompt: dict[str, Any]) -> dict[str, Any]:
             changed.setdefault(node_id, {})[key] = (node["inputs"][key], value)
             node["inputs"][key] = value
     return changed
-
-
-def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
-    """The API prompt the frontend would queue for a graph of installed nodes: widget values by
-    name (control and upload values dropped), links as [origin id, origin slot]."""
-    links = {link[0]: link for link in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in ui_format.FRONTEND_ONLY:
-            continue
-        definition = object_info[node["type"]]
-        values = iter(node.get("widgets_values") or [])
-        inputs: dict[str, Any] = {}
-        for slot in (s for s in ui_format.slots(definition) if s.is_widget):
-            inputs[slot.name] = next(values)
-            if slot.options.get("control_after_generate"):
-                next(values)
-            if any(slot.options.get(flag) for flag in ui_format.MEDIA_UPLOAD):
-                next(values)
-        for entry in node["inputs"]:
-            if entry.get("link") is not None:
-                link = links[entry["link"]]
-                inputs[entry["name"]] = [str(link[1]), link[2]]
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
