@@ -37,7 +37,7 @@ def browser_base(chromium, tmp_path_factory, cache_dir, comfyui_dir, scrfd_dir) 
     base = make_base(tmp_path_factory.mktemp("run-base"), REPO, model_files)
     packs.install(base / "custom_nodes", checkouts)
     photos.write_inputs(base / "input", scrfd_dir)
-    workflow_bed.add_workflow_files(base, model_files)
+    workflow_bed.add_workflow_files(base, model_files, cache_dir)
     return base
 
 
