@@ -162,6 +162,8 @@ def test_workflow_runs_end_to_end(page, browser_server, server_models, browser_b
     else:
         assert frames_and_size(files[0]) == (frames, size), files[0]
     for node_id, node in prompt.items():
-        if node["class_type"] == "FaceSimilarity":  # id_score: the scores of the rendered frames, plotted
+        if node["class_type"] == "FaceSimilarity":  # id_score, unianimate_*: the frames' scores, plotted
             assert history["outputs"][node_id]["images"], history["outputs"].get(node_id)
+        if node["class_type"] == "UniAnimateContextWindows":  # unianimate_long: the windows slid
+            assert f"Context window 2/2: frames 2-5 of {frames}" in browser_server.log(), browser_server.log()[-3000:]
     page.screenshot(path=str(artifacts / f"run_{name}.png"))

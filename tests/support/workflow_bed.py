@@ -42,9 +42,13 @@ INPUT_STAND_INS = {"person_a.png": photos.ASTRONAUT, "person_b.png": photos.NEWT
 DANCE_VIDEO = "dance.mp4"
 CI_SIZE, CI_STEPS = 64, 2  # the shipped graphs at a size a CPU renders in seconds
 CI_FRAMES = 4
-# The long videos keep more frames than their context window (16 for id_long_video, 32 for
-# unianimate_long), so that windows really slide.
-CI_FRAMES_BY_WORKFLOW = {"id_image": 1, "id_long_video": 20, "unianimate_long": 36}
+# The long videos keep more frames than their context window, so that windows really slide:
+# id_long_video its shipped 16-frame window over 20 frames. unianimate_long's shipped window of 32
+# would need 33+ frames, which cost the 1.4 B-parameter UNet minutes per step on a CPU, so its
+# window shrinks with the frames, as the latent does: 4 frames overlapping by 2 over 6 (two
+# windows, each with the reference frame; the windowing code path is the shipped one).
+CI_FRAMES_BY_WORKFLOW = {"id_image": 1, "id_long_video": 20, "unianimate_long": 6}
+CI_UNIANIMATE_WINDOW = {"context_length": 4, "context_overlap": 2}
 DANCE_FRAMES = 40  # enough for every workflow's CI frame count
 
 
@@ -131,7 +135,8 @@ def ci_frames(name: str) -> int:
 
 
 def shrink(name: str, prompt: dict[str, Any]) -> dict[str, Any]:
-    """The API prompt with tiny latents, few frames and CI_STEPS steps; nothing else changed. Returns
+    """The API prompt with tiny latents, few frames (and UniAnimate windows to match) and CI_STEPS
+    steps; nothing else changed. Returns
     {node id: {input: (shipped, shrunk)}} so a test can show exactly what it changed."""
     frames = ci_frames(name)
     # UniAnimate: the pose images' size is the video's (the latent's ×8), and the conditioning's
@@ -139,7 +144,8 @@ def shrink(name: str, prompt: dict[str, Any]) -> dict[str, Any]:
     targets = {"EmptyLatentImage": {"width": CI_SIZE, "height": CI_SIZE, "batch_size": frames},
                "KSampler": {"steps": CI_STEPS}, "ImageFromBatch": {"length": frames},
                "UniAnimatePose": {"width": CI_SIZE, "height": CI_SIZE},
-               "UniAnimateConditioning": {"steps": CI_STEPS}, "KSamplerAdvanced": {"steps": CI_STEPS}}
+               "UniAnimateConditioning": {"steps": CI_STEPS}, "KSamplerAdvanced": {"steps": CI_STEPS},
+               "UniAnimateContextWindows": CI_UNIANIMATE_WINDOW}
     changed = {}
     for node_id, node in prompt.items():
         for key, value in targets.get(node["class_type"], {}).items():
