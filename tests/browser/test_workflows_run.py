@@ -1,8 +1,9 @@
 """Every shipped workflow runs end to end as a user runs it: the file dropped on the real frontend,
 turned into a prompt by the frontend itself (`app.graphToPrompt`), shrunk for the CPU (tiny
-latents, few frames, two steps; nothing else changed) and executed by real ComfyUI with the real
-AnimateDiff-Evolved and Advanced-ControlNet at the pinned commits, on full-size random weights
-under the file names the workflows use. Each must write its video or image.
+latents, few frames (UniAnimate's context windows with them), two steps; nothing else changed)
+and executed by real ComfyUI with the real AnimateDiff-Evolved and Advanced-ControlNet at the
+pinned commits, on full-size random weights under the file names the workflows use. Each must
+write its video or image.
 
 Skips, saying how to provide them, when the third-party packs cannot be had (support/packs.py)."""
 from __future__ import annotations
