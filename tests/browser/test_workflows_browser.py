@@ -56,8 +56,9 @@ def test_template_browser_lists_every_workflow_with_thumbnail(page, artifacts):
         image = card.locator("img")
         image.wait_for()
         card_name = card.get_attribute("data-testid").removeprefix("template-workflow-")
-        widths[card_name] = image.evaluate("(i) => i.complete ? i.naturalWidth : new Promise("
-                                           "(done) => { i.onload = () => done(i.naturalWidth); i.onerror = () => done(0); })")
+        widths[card_name] = image.evaluate(
+            "(i) => i.complete ? i.naturalWidth : new Promise((done) => {"
+            " i.onload = () => done(i.naturalWidth); i.onerror = () => done(0); })")
     assert set(widths) == set(NAMES) and all(w > 0 for w in widths.values()), widths
     cards.first.scroll_into_view_if_needed()
     page.screenshot(path=str(artifacts / "templates.png"))
