@@ -506,7 +506,7 @@ def unianimate(wf: Workflow, frames: int, long_video: bool) -> None:
 
 
 UNIANIMATE_STEPS = (
-    "The sampler is the official DDIM: KSamplerAdvanced with add_noise disable (the starting noise is in the "
+    "\nThe sampler is the official DDIM: KSamplerAdvanced with add_noise disable (the starting noise is in the "
     "latent, with the reference in it: the noise prior), 30 steps, cfg 2.5, euler + ddim_uniform; keep "
     "**steps** on UniAnimate Conditioning equal to the sampler's.\n"
     "**Face Similarity** scores the reference face in every frame (ArcFace cosine): how much of the person "
