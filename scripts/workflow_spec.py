@@ -125,8 +125,8 @@ MODELS = {m.name: m for m in [
               "huggingface.co/spaces/ID-Animator/ID-Animator (animator.ckpt)"),
     ModelFile("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "CLIP ViT-H/14 image encoder",
               "huggingface.co/h94/IP-Adapter, models/image_encoder/model.safetensors (rename)"),
-    ModelFile("insightface/models", "buffalo_l", "insightface pack (a folder): its face detector; `id_score` also uses "
-              "its recognition model `w600k_r50.onnx`",
+    ModelFile("insightface/models", "buffalo_l", "insightface pack (a folder): its face detector; `id_score` and "
+              "the UniAnimate workflows also use its recognition model `w600k_r50.onnx`",
               "insightface release buffalo_l.zip, unzipped so the .onnx files sit in models/insightface/models/buffalo_l/"),
     ModelFile("animatediff_models", "mm_sd_v15_v2.ckpt", "AnimateDiff v2 motion module (the one ID-Animator was trained with)",
               "huggingface.co/guoyww/animatediff"),
