@@ -26,8 +26,9 @@ def zero_y(clip) -> torch.Tensor:
     if tuple(context.shape) != (1, 77, 1024):
         raise UniAnimateInputError(
             f"UniAnimateConditioning: the text encoder gives {list(context.shape)} for the empty prompt; "
-            "UniAnimate needs the SD2.1 text encoder (OpenCLIP ViT-H, 77 × 1024), e.g. the CLIP output of "
-            "v2-1_512-ema-pruned.ckpt in Load Checkpoint (an SD1.5 CLIP-L gives 768).")
+            "UniAnimate needs the SD2.1 text encoder (OpenCLIP ViT-H, 77 × 1024): Load CLIP with its text encoder "
+            "(type stable_diffusion), or the CLIP output of v2-1_512-ema-pruned.ckpt in Load Checkpoint (an SD1.5 "
+            "CLIP-L gives 768).")
     return context
 
 
@@ -86,9 +87,10 @@ class UniAnimateConditioning(io.ComfyNode):
                                                       "Their size is the video size: multiples of 64 px."),
                 io.Image.Input("reference_pose", tooltip="The pose drawn from the reference photo, same size as "
                                                          "the pose frames."),
-                io.Vae.Input("vae", tooltip="The VAE of the SD2.1 checkpoint (v2-1_512-ema-pruned)."),
-                io.Clip.Input("clip", tooltip="The text encoder of the SD2.1 checkpoint: only the empty prompt "
-                                              "is encoded (UniAnimate takes no text)."),
+                io.Vae.Input("vae", tooltip="The SD2.1 VAE (Load VAE; the VAE of v2-1_512-ema-pruned)."),
+                io.Clip.Input("clip", tooltip="The SD2.1 text encoder (Load CLIP, type stable_diffusion, or "
+                                              "the SD2.1 checkpoint's CLIP): only the empty prompt is "
+                                              "encoded (UniAnimate takes no text)."),
                 io.ClipVision.Input("clip_vision", tooltip="OpenCLIP ViT-H/14 (the official "
                                                            "open_clip_pytorch_model.bin is the same model)."),
                 io.Combo.Input("mode", options=MODES, default="randomref",

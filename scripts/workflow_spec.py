@@ -1,4 +1,4 @@
-"""What the shared workflows contain: the eight graphs, the model files they name, and the one
+"""What the shared workflows contain: the ten graphs, the model files they name, and the one
 table of third-party node definitions (AnimateDiff-Evolved, Advanced-ControlNet).
 
 Graphs are written by input *name* (widget values and links alike); `make_workflows.py` turns
@@ -125,8 +125,8 @@ MODELS = {m.name: m for m in [
               "huggingface.co/spaces/ID-Animator/ID-Animator (animator.ckpt)"),
     ModelFile("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "CLIP ViT-H/14 image encoder",
               "huggingface.co/h94/IP-Adapter, models/image_encoder/model.safetensors (rename)"),
-    ModelFile("insightface/models", "buffalo_l", "insightface pack (a folder): its face detector; `id_score` also uses "
-              "its recognition model `w600k_r50.onnx`",
+    ModelFile("insightface/models", "buffalo_l", "insightface pack (a folder): its face detector; `id_score` and "
+              "the UniAnimate workflows also use its recognition model `w600k_r50.onnx`",
               "insightface release buffalo_l.zip, unzipped so the .onnx files sit in models/insightface/models/buffalo_l/"),
     ModelFile("animatediff_models", "mm_sd_v15_v2.ckpt", "AnimateDiff v2 motion module (the one ID-Animator was trained with)",
               "huggingface.co/guoyww/animatediff"),
@@ -136,12 +136,28 @@ MODELS = {m.name: m for m in [
               "huggingface.co/guoyww/animatediff"),
     ModelFile("controlnet", "control_v11p_sd15_openpose.pth", "ControlNet 1.1 OpenPose for SD1.5",
               "huggingface.co/lllyasviel/ControlNet-v1-1"),
+    ModelFile("unianimate", "unianimate_16f_32f_non_ema_223000.pth",
+              "UniAnimate video UNet (5.67 GB fp32 pickle, read with weights_only; or its fp16 .safetensors "
+              "conversion, see the README). **Research and non-commercial use only**",
+              "ModelScope iic/unianimate (the official README's checkpoints/)"),
+    ModelFile("vae", "sd21_vae.safetensors", "SD2.1 VAE (the VAE of v2-1_512-ema-pruned.ckpt, which UniAnimate uses)",
+              "huggingface.co/stabilityai/stable-diffusion-2-1-base, vae/diffusion_pytorch_model.fp16.safetensors "
+              "(rename)"),
+    ModelFile("text_encoders", "sd21_text_encoder.safetensors",
+              "SD2.1 text encoder (OpenCLIP ViT-H/14 text tower): UniAnimate encodes only the empty prompt with it",
+              "huggingface.co/stabilityai/stable-diffusion-2-1-base, text_encoder/model.fp16.safetensors (rename)"),
+    ModelFile("dwpose", "yolox_l.onnx", "DWPose person detector (YOLOX-L)", "huggingface.co/yzd-v/DWPose"),
+    ModelFile("dwpose", "dw-ll_ucoco_384.onnx", "DWPose whole-body keypoints (RTMPose, 133 points)",
+              "huggingface.co/yzd-v/DWPose"),
 ]}
 INPUTS = {  # files in ComfyUI's input/ folder that the workflows name -> what to put there
     "person_a.png": "a clear photo of the person (face at least ~60 px tall)",
     "person_b.png": "a photo of the second person",
     "keyframe.png": "the RGB keyframe (or a sketch, with the scribble SparseCtrl model)",
     "pose.mp4": "an OpenPose skeleton video (e.g. rendered with comfyui_controlnet_aux's DWPose Estimator)",
+    "dancer.png": "a photo of the person to animate: one person, whole body, face and hands visible "
+                  "(portrait, ideally 2:3 like 512x768)",
+    "dance.mp4": "the driving video: a person dancing (any person), the whole body visible in its first frame",
 }
 
 # --- The graph description ----------------------------------------------------------------------
@@ -430,8 +446,109 @@ def id_score() -> Workflow:
     return wf
 
 
+# --- UniAnimate (issue 21; reference: shared/reference/unianimate-official.md) --------------------
+UNIANIMATE = "unianimate_16f_32f_non_ema_223000.pth"
+SD21_VAE, SD21_TEXT = "sd21_vae.safetensors", "sd21_text_encoder.safetensors"
+UNIANIMATE_SEED = 11  # the official configs' seed
+NOTE_UNIANIMATE_MODELS = (
+    "Models: `unianimate_16f_32f_non_ema_223000.pth` in `models/unianimate/` (research and non-commercial use "
+    "only), the SD2.1 VAE in `models/vae/` and text encoder in `models/text_encoders/`, CLIP ViT-H/14 in "
+    "`models/clip_vision/`, `yolox_l.onnx` and `dw-ll_ucoco_384.onnx` in `models/dwpose/`, an insightface pack "
+    "(e.g. `buffalo_l`, for the score) in `models/insightface/models/`. Have the whole SD2.1 checkpoint "
+    "(`v2-1_512-ema-pruned.ckpt`)? A Load Checkpoint node's VAE and CLIP can replace the two loaders, at the cost "
+    "of also loading its UNet (865 M parameters) for nothing.")
+
+
+def unianimate(wf: Workflow, frames: int, long_video: bool) -> None:
+    """Reference photo + dance video -> aligned poses -> UniAnimate sampled as the official DDIM
+    (KSamplerAdvanced, ddim_uniform + euler, cfg 2.5, the noise prior in the latent) -> decode, save,
+    and the reference face scored in every frame (issue 21 items 5 and 6)."""
+    wf.add("note", "MarkdownNote", 0, title="Read me", text=wf.note)
+    model = wf.add("unianimate", "LoadUniAnimate", 0, unet_name=UNIANIMATE, weight_dtype="default")["model"]
+    # the SD2.1 VAE and text encoder on their own: a Load Checkpoint would load the SD2.1 UNet too
+    vae = wf.add("vae", "VAELoader", 0, title="SD2.1 VAE", vae_name=SD21_VAE)["VAE"]
+    text = wf.add("text_encoder", "CLIPLoader", 0, title="SD2.1 text encoder", clip_name=SD21_TEXT,
+                  type="stable_diffusion", device="default")["CLIP"]
+    vision = wf.add("clip_vision", "CLIPVisionLoader", 0, clip_name="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")
+    dwpose = wf.add("dwpose", "IDA_LoadDWPose", 0, detector="yolox_l.onnx", pose_model="dw-ll_ucoco_384.onnx",
+                    provider="auto")
+    photo = wf.add("photo", "LoadImage", 1, title="Reference photo", image="dancer.png")
+    video = wf.add("dance", "LoadVideo", 1, title="Dance video", file="dance.mp4")
+    components = wf.add("dance_frames", "GetVideoComponents", 1, video=video["VIDEO"])
+    driving = wf.add("driving", "ImageFromBatch", 1, title="Driving frames", image=components["images"],
+                     batch_index=0, length=frames)
+    pose = wf.add("pose", "UniAnimatePose", 2, dwpose=dwpose["dwpose"], reference_image=photo["IMAGE"],
+                  driving_frames=driving["IMAGE"], alignment="official, missing bones kept",
+                  missing_person="black frame", width=512, height=768)
+    wf.add("pose_preview", "PreviewImage", 2, title="Aligned poses", images=pose["pose_frames"])
+    if long_video:
+        model = wf.add("windows", "UniAnimateContextWindows", 2, model=model, context_length=32,
+                       context_overlap=8)["model"]
+    cond = wf.add("conditioning", "UniAnimateConditioning", 3, reference_image=photo["IMAGE"],
+                  pose_frames=pose["pose_frames"], reference_pose=pose["reference_pose"], vae=vae, clip=text,
+                  clip_vision=vision["CLIP_VISION"], mode="randomref",
+                  start="noise prior (long video)" if long_video else "noise prior", seed=UNIANIMATE_SEED,
+                  control_after_generate="fixed", steps=30)
+    sampler = wf.add("sampler", "KSamplerAdvanced", 4, model=model, add_noise="disable", noise_seed=UNIANIMATE_SEED,
+                     control_after_generate="fixed", steps=30, cfg=2.5, sampler_name="euler", scheduler="ddim_uniform",
+                     positive=cond["positive"], negative=cond["negative"], latent_image=cond["latent"],
+                     start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
+    latent_frames = wf.add("latent_frames", "UniAnimateLatentFrames", 5, samples=sampler["LATENT"])
+    decode = wf.add("decode", "VAEDecode", 5, samples=latent_frames["frames"], vae=vae)
+    clip = wf.add("video", "CreateVideo", 6, images=decode["IMAGE"], fps=8.0, bit_depth=8)  # official save_fps
+    wf.add("save", "SaveVideo", 7, video=clip["VIDEO"], filename_prefix=f"id_animator/{wf.name}", format="mp4",
+           codec="auto")
+    scorer = wf.add("scorer", "IDA_LoadFaceScorer", 6, title="Load face scorer", insightface_pack="buffalo_l",
+                    provider="auto")
+    score = wf.add("score", "FaceSimilarity", 7, title="Face similarity", reference=photo["IMAGE"],
+                   frames=decode["IMAGE"], face_scorer=scorer["face_scorer"], frame_face="largest")
+    wf.add("mean", "PreviewAny", 8, title="Mean face similarity", source=score["mean_score"])
+
+
+UNIANIMATE_STEPS = (
+    "\nThe sampler is the official DDIM: KSamplerAdvanced with add_noise disable (the starting noise is in the "
+    "latent, with the reference in it: the noise prior), 30 steps, cfg 2.5, euler + ddim_uniform; keep "
+    "**steps** on UniAnimate Conditioning equal to the sampler's.\n"
+    "**Face Similarity** scores the reference face in every frame (ArcFace cosine): how much of the person "
+    "survives. Frames without a face are marked, not scored 0.\n\n")
+
+
+def unianimate_dance() -> Workflow:
+    wf = Workflow(
+        "unianimate_dance", "UniAnimate: a photo of a person dancing",
+        "A reference photo and a dance video give 32 frames at 512x768 of that person (face, body, clothes, "
+        "background) doing that dance, scored for identity.",
+        "# This person, that dance (UniAnimate)\n"
+        "1. **Reference photo**: the person to animate, whole body visible. It is stretched to the pose size "
+        "(512x768: use a 2:3 portrait).\n"
+        "2. **Dance video**: anyone dancing; **Driving frames** takes 32 frames from `batch_index` (UniAnimate "
+        "was trained on 16 and 32). The official demos take every 2nd frame of a 30 fps clip: use a 15 fps clip "
+        "for the same speed. Its first frame sets the pose alignment: whole body, face and hands visible.\n"
+        "3. **UniAnimate Pose** finds the poses (DWPose), rescales them to the reference body and draws them; "
+        "check them in **Aligned poses**.\n"
+        + UNIANIMATE_STEPS + NOTE_UNIANIMATE_MODELS)
+    unianimate(wf, frames=32, long_video=False)
+    return wf
+
+
+def unianimate_long() -> Workflow:
+    wf = Workflow(
+        "unianimate_long", "UniAnimate: a long dance video with context windows",
+        "64 frames (any length) through sliding windows of 32 frames overlapping by 8, each with the reference "
+        "frame, as the official long-video sampler does; scored for identity.",
+        "# A long dance (UniAnimate, sliding windows)\n"
+        "**UniAnimate Context Windows** slides windows of 32 frames, overlapping by 8, over all the frames (the "
+        "official long-video settings; the last window ends at the last frame). Every window sees the reference "
+        "frame, so the person stays the same from window to window; more overlap (16) when the appearance "
+        "drifts.\n"
+        "Change the length in **Driving frames** (`length`); the start is the long-video noise prior.\n"
+        + UNIANIMATE_STEPS + NOTE_UNIANIMATE_MODELS)
+    unianimate(wf, frames=64, long_video=True)
+    return wf
+
+
 WORKFLOWS: list[Callable[[], Workflow]] = [id_video_basic, id_mix, id_morph, id_sparsectrl, id_long_video, id_pose,
-                                           id_image, id_score]
+                                           id_image, id_score, unianimate_dance, unianimate_long]
 
 
 def all_workflows() -> list[Workflow]:

@@ -32,7 +32,7 @@ def browser_base(chromium, tmp_path_factory, cache_dir, comfyui_dir, scrfd_dir) 
     model_files = models.ensure_models(cache_dir, comfyui_dir, scrfd_dir)
     base = make_base(tmp_path_factory.mktemp("browser-base"), REPO, model_files)
     photos.write_inputs(base / "input", scrfd_dir)
-    workflow_bed.add_workflow_files(base, model_files)
+    workflow_bed.add_workflow_files(base, model_files, cache_dir)
     return base
 
 

@@ -46,13 +46,21 @@ def test_template_browser_lists_every_workflow_with_thumbnail(page, artifacts):
     dialog.get_by_text(workflow_bed.PACK_FOLDER, exact=True).click()
     cards = dialog.locator("[data-testid^=template-workflow-]")
     cards.first.wait_for()
-    page.wait_for_function("() => Array.from(document.querySelectorAll('[data-testid^=template-workflow-] img'))"
-                           ".every(i => i.complete)")
     shown = {cards.nth(i).get_attribute("data-testid").removeprefix("template-workflow-") for i in range(cards.count())}
     assert shown == set(NAMES)
-    widths = page.evaluate("() => Array.from(document.querySelectorAll('[data-testid^=template-workflow-] img'))"
-                           ".map(i => i.naturalWidth)")
-    assert len(widths) == len(NAMES) and all(w > 0 for w in widths), widths
+    # the dialog draws a card's thumbnail only while the card is in view (ten do not fit): one by one
+    widths = {}
+    for i in range(cards.count()):
+        card = cards.nth(i)
+        card.scroll_into_view_if_needed()
+        image = card.locator("img")
+        image.wait_for()
+        card_name = card.get_attribute("data-testid").removeprefix("template-workflow-")
+        widths[card_name] = image.evaluate(
+            "(i) => i.complete ? i.naturalWidth : new Promise((done) => {"
+            " i.onload = () => done(i.naturalWidth); i.onerror = () => done(0); })")
+    assert set(widths) == set(NAMES) and all(w > 0 for w in widths.values()), widths
+    cards.first.scroll_into_view_if_needed()
     page.screenshot(path=str(artifacts / "templates.png"))
     dialog.locator("[data-testid=template-workflow-id_image]").click()
     page.wait_for_function("(count) => app.graph.nodes.length === count", arg=len(workflow_bed.load("id_image")["nodes"]))

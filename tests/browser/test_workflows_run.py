@@ -1,8 +1,9 @@
 """Every shipped workflow runs end to end as a user runs it: the file dropped on the real frontend,
 turned into a prompt by the frontend itself (`app.graphToPrompt`), shrunk for the CPU (tiny
-latents, few frames, two steps; nothing else changed) and executed by real ComfyUI with the real
-AnimateDiff-Evolved and Advanced-ControlNet at the pinned commits, on full-size random weights
-under the file names the workflows use. Each must write its video or image.
+latents, few frames (UniAnimate's context windows with them), two steps; nothing else changed)
+and executed by real ComfyUI with the real AnimateDiff-Evolved and Advanced-ControlNet at the
+pinned commits, on full-size random weights under the file names the workflows use. Each must
+write its video or image.
 
 Skips, saying how to provide them, when the third-party packs cannot be had (support/packs.py)."""
 from __future__ import annotations
@@ -37,7 +38,7 @@ def browser_base(chromium, tmp_path_factory, cache_dir, comfyui_dir, scrfd_dir) 
     base = make_base(tmp_path_factory.mktemp("run-base"), REPO, model_files)
     packs.install(base / "custom_nodes", checkouts)
     photos.write_inputs(base / "input", scrfd_dir)
-    workflow_bed.add_workflow_files(base, model_files)
+    workflow_bed.add_workflow_files(base, model_files, cache_dir)
     return base
 
 
@@ -162,6 +163,8 @@ def test_workflow_runs_end_to_end(page, browser_server, server_models, browser_b
     else:
         assert frames_and_size(files[0]) == (frames, size), files[0]
     for node_id, node in prompt.items():
-        if node["class_type"] == "FaceSimilarity":  # id_score: the scores of the rendered frames, plotted
+        if node["class_type"] == "FaceSimilarity":  # id_score, unianimate_*: the frames' scores, plotted
             assert history["outputs"][node_id]["images"], history["outputs"].get(node_id)
+        if node["class_type"] == "UniAnimateContextWindows":  # unianimate_long: the windows slid
+            assert f"Context window 2/2: frames 2-5 of {frames}" in browser_server.log(), browser_server.log()[-3000:]
     page.screenshot(path=str(artifacts / f"run_{name}.png"))

@@ -16,9 +16,9 @@ NAMES = workflow_bed.workflow_names()
 
 
 @pytest.fixture(scope="module")
-def server(http_comfy, comfy_base, model_files):
+def server(http_comfy, comfy_base, model_files, cache_dir):
     """The session's server, with the workflows' files in its base while this module runs."""
-    added = workflow_bed.add_workflow_files(comfy_base, model_files)
+    added = workflow_bed.add_workflow_files(comfy_base, model_files, cache_dir)
     yield http_comfy
     workflow_bed.remove_files(added)
 

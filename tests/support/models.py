@@ -139,6 +139,26 @@ def sd2_unet(path: Path) -> None:
     save_file(random_like_shapes(shapes, seed=21), str(path))
 
 
+def sd2_clip_h_shapes() -> dict[str, torch.Size]:
+    """SD2.x's text encoder (OpenCLIP ViT-H/14 text tower, 24 blocks of 1024) as ComfyUI holds it."""
+    from comfy.text_encoders import sd2_clip
+
+    with torch.device("meta"):
+        model = sd2_clip.SD2ClipHModel(dtype=torch.float32, device="meta")
+    return {k: v.shape for k, v in model.transformer.state_dict().items()}
+
+
+def sd2_text_encoder(path: Path) -> None:
+    """The SD2.1 text encoder for CLIPLoader (type stable_diffusion: ComfyUI detects CLIP-H), fp16 as
+    the released model.fp16.safetensors: UniAnimate's zero_y (the shipped UniAnimate workflows)."""
+    save_file(random_like_shapes(sd2_clip_h_shapes(), seed=22), str(path))
+
+
+def sd2_vae(path: Path) -> None:
+    """The SD2.1 VAE for VAELoader (kl-f8, the same shapes as SD1.5's; own weights), fp16."""
+    save_file(random_like_shapes(sd15_vae_shapes(), seed=23), str(path))
+
+
 def clip_vision_l(path: Path) -> None:
     """CLIP ViT-L/14 vision: the wrong encoder for ID-Animator (users confuse it with ViT-H)."""
     save_file(random_like_shapes(clip_vision_shapes("clip_vision_config_vitl.json"), seed=12), str(path))
@@ -204,6 +224,8 @@ GENERATORS: dict[tuple[str, str], Recipe] = {  # models/<folder>/<file name>: re
     ("diffusion_models", "sd15_random_unet.safetensors"): Recipe(sd15_unet),
     ("diffusion_models", "sd2_random_unet.safetensors"): Recipe(sd2_unet),
     ("text_encoders", "clip_l_random.safetensors"): Recipe(clip_l_text),
+    ("text_encoders", "sd2_clip_h_random.safetensors"): Recipe(sd2_text_encoder),
+    ("vae", "sd2_vae_random.safetensors"): Recipe(sd2_vae),
     ("clip_vision", "CLIP-ViT-H-14-random.safetensors"): Recipe(clip_vision_h),
     ("clip_vision", "CLIP-ViT-L-14-random.safetensors"): Recipe(clip_vision_l),
     ("id_animator", "animator.ckpt"): Recipe(id_animator_checkpoint, sources=("adapter/*.py",)),

@@ -2,8 +2,10 @@
 
 `add_workflow_files` gives a ComfyUI base folder every model and input file the workflows name,
 as links to the generated full-size random models (motion modules and ControlNets included,
-generated under the workflows' own file names) and public-domain photos, so that the workflows
-load without missing-file marks and run as shipped, only shrunk (`shrink`).
+generated under the workflows' own file names; the UniAnimate UNet and the DWPose files from
+their own generators) and public-domain photos, so that the workflows load without missing-file
+marks and run as shipped, only shrunk (`shrink`). The UniAnimate dance video is the astronaut
+photo sliding sideways: the random DWPose stand-ins find a person with shoulders and hips in it.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from support import photos
+from support.dwpose_models import dwpose_files
+from support.unianimate_files import ensure_unianimate_file
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -27,17 +31,55 @@ STAND_INS = {  # models folder -> (test-bed folder, file) of the generated model
     "clip_vision": ("clip_vision", "CLIP-ViT-H-14-random.safetensors"),
     "id_animator": ("id_animator", "animator.ckpt"),
     "insightface/models": ("insightface", "models/scrfd"),
+    "vae": ("vae", "sd2_vae_random.safetensors"),
+    "text_encoders": ("text_encoders", "sd2_clip_h_random.safetensors"),
+    # the one generated full-size file (fp16 safetensors in the official key layout; the loader
+    # reads files by content, not by name)
+    "unianimate": ("unianimate", "unianimate_random.safetensors"),
 }
-INPUT_STAND_INS = {"person_a.png": photos.ASTRONAUT, "person_b.png": photos.NEWTON, "keyframe.png": photos.NO_FACE}
+INPUT_STAND_INS = {"person_a.png": photos.ASTRONAUT, "person_b.png": photos.NEWTON, "keyframe.png": photos.NO_FACE,
+                   "dancer.png": photos.ASTRONAUT}
+DANCE_VIDEO = "dance.mp4"
 CI_SIZE, CI_STEPS = 64, 2  # the shipped graphs at a size a CPU renders in seconds
 CI_FRAMES = 4
-# id_long_video keeps more frames than its 16-frame context window, so that windows really slide.
-CI_FRAMES_BY_WORKFLOW = {"id_image": 1, "id_long_video": 20}
+# The long videos keep more frames than their context window, so that windows really slide:
+# id_long_video its shipped 16-frame window over 20 frames. unianimate_long's shipped window of 32
+# would need 33+ frames, which cost the 1.4 B-parameter UNet minutes per step on a CPU, so its
+# window shrinks with the frames, as the latent does: 4 frames overlapping by 2 over 6 (two
+# windows, each with the reference frame; the windowing code path is the shipped one).
+CI_FRAMES_BY_WORKFLOW = {"id_image": 1, "id_long_video": 20, "unianimate_long": 6}
+CI_UNIANIMATE_WINDOW = {"context_length": 4, "context_overlap": 2}
+DANCE_FRAMES = 40  # enough for every workflow's CI frame count
 
 
-def add_workflow_files(base: Path, model_files: dict[str, dict[str, Path]]) -> list[Path]:
+def unianimate_stand_ins(cache: Path) -> dict[str, dict[str, Path]]:
+    """The UniAnimate UNet (support.unianimate_files) and the DWPose pair (support.dwpose_models),
+    keyed like `models.ensure_models`; kept out of it so that only the workflow beds link them."""
+    return {"unianimate": {"unianimate_random.safetensors": ensure_unianimate_file(cache)},
+            "dwpose": dwpose_files(cache)}
+
+
+def write_dance_video(path: Path, photo: Path, frames: int = DANCE_FRAMES, size: int = 128) -> None:
+    """The photo sliding sideways a little per frame, H.264 at 8 fps (PyAV ships with ComfyUI)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(photo).convert("RGB").resize((size, size), Image.BICUBIC))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = np.ascontiguousarray(np.roll(pixels, i % 8 - 4, axis=1))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def add_workflow_files(base: Path, model_files: dict[str, dict[str, Path]], cache: Path) -> list[Path]:
     """Returns the paths it created (for `remove_files`)."""
     created = []
+    model_files = {**model_files, **unianimate_stand_ins(cache)}
     for model in workflow_spec.MODELS.values():
         dest = base / "models" / model.folder / model.name
         if dest.exists() or dest.is_symlink():
@@ -54,6 +96,8 @@ def add_workflow_files(base: Path, model_files: dict[str, dict[str, Path]]) -> l
         created.append(dest)
         if name in INPUT_STAND_INS:
             dest.symlink_to(base / "input" / INPUT_STAND_INS[name])
+        elif name == DANCE_VIDEO:
+            write_dance_video(dest, base / "input" / photos.ASTRONAUT)
         else:
             make_workflows.write_placeholder_video(dest)
     return created
@@ -91,11 +135,17 @@ def ci_frames(name: str) -> int:
 
 
 def shrink(name: str, prompt: dict[str, Any]) -> dict[str, Any]:
-    """The API prompt with tiny latents, few frames and CI_STEPS steps; nothing else changed. Returns
+    """The API prompt with tiny latents, few frames (and UniAnimate windows to match) and CI_STEPS
+    steps; nothing else changed. Returns
     {node id: {input: (shipped, shrunk)}} so a test can show exactly what it changed."""
     frames = ci_frames(name)
+    # UniAnimate: the pose images' size is the video's (the latent's ×8), and the conditioning's
+    # steps must stay the sampler's (it scales the starting latent for the first step)
     targets = {"EmptyLatentImage": {"width": CI_SIZE, "height": CI_SIZE, "batch_size": frames},
-               "KSampler": {"steps": CI_STEPS}, "ImageFromBatch": {"length": frames}}
+               "KSampler": {"steps": CI_STEPS}, "ImageFromBatch": {"length": frames},
+               "UniAnimatePose": {"width": CI_SIZE, "height": CI_SIZE},
+               "UniAnimateConditioning": {"steps": CI_STEPS}, "KSamplerAdvanced": {"steps": CI_STEPS},
+               "UniAnimateContextWindows": CI_UNIANIMATE_WINDOW}
     changed = {}
     for node_id, node in prompt.items():
         for key, value in targets.get(node["class_type"], {}).items():
