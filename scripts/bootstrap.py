@@ -66,7 +66,9 @@ def run(step: str, *cmd: str, env: dict[str, str] | None = None, advice: str = "
     with open(path, "a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
+        # without PYTHONPATH: pip would count what it points at as installed and leave it out of the venv
+        clean = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONPATH"}
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean).returncode
     if code != 0:
         tail = "".join(path.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise SystemExit(f"[bootstrap] step '{step}' failed (exit {code}). Its output is in {path}; the last lines:\n"
