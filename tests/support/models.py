@@ -322,13 +322,22 @@ def cached_file(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def _used_marker(path: Path) -> Path:
+    return path.with_name(f".{path.name}.used")
+
+
 def _prune(cache: Path, recipe: Recipe, keep: Path) -> None:
     """Delete this generator's files made for other sources that nobody has used for a month
-    (each `ensure_models` touches the files it returns), so the cache does not grow forever."""
-    os.utime(keep)
+    (each `ensure_models` touches a marker beside the files it returns, never the file itself: the
+    pack keys loaded models by file version, mtime included, so touching a model under a running
+    ComfyUI would make its next loader load a second copy), so the cache does not grow forever."""
+    _used_marker(keep).touch()
     for old in (cache / "generated").glob(f"{recipe.name}.*"):
-        if old != keep and time.time() - old.stat().st_mtime > UNUSED_AFTER_S:
+        marker = _used_marker(old)
+        last_use = (marker if marker.exists() else old).stat().st_mtime
+        if old != keep and time.time() - last_use > UNUSED_AFTER_S:
             old.unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
             old.with_name(f".{old.name}.lock").unlink(missing_ok=True)
 
 
