@@ -1,4 +1,4 @@
-"""What the shared workflows contain: the ten graphs, the model files they name, and the one
+"""What the shared workflows contain: the eleven graphs, the model files they name, and the one
 table of third-party node definitions (AnimateDiff-Evolved, Advanced-ControlNet).
 
 Graphs are written by input *name* (widget values and links alike); `make_workflows.py` turns
@@ -459,10 +459,13 @@ NOTE_UNIANIMATE_MODELS = (
     "of also loading its UNet (865 M parameters) for nothing.")
 
 
-def unianimate(wf: Workflow, frames: int, long_video: bool) -> None:
+def unianimate(wf: Workflow, frames: int, long_video: bool = False, segments: int = 1) -> None:
     """Reference photo + dance video -> aligned poses -> UniAnimate sampled as the official DDIM
     (KSamplerAdvanced, ddim_uniform + euler, cfg 2.5, the noise prior in the latent) -> decode, save,
-    and the reference face scored in every frame (issue 21 items 5 and 6)."""
+    and the reference face scored in every frame (issue 21 items 5 and 6). With `segments` > 1 the
+    video is continued from its last frame: each further segment of `frames` frames takes the
+    previous segment's last frame as its reference image and that frame's pose as its reference pose
+    (the official README's tip for long videos, beside the windows)."""
     wf.add("note", "MarkdownNote", 0, title="Read me", text=wf.note)
     model = wf.add("unianimate", "LoadUniAnimate", 0, unet_name=UNIANIMATE, weight_dtype="default")["model"]
     # the SD2.1 VAE and text encoder on their own: a Load Checkpoint would load the SD2.1 UNet too
@@ -476,7 +479,8 @@ def unianimate(wf: Workflow, frames: int, long_video: bool) -> None:
     video = wf.add("dance", "LoadVideo", 1, title="Dance video", file="dance.mp4")
     components = wf.add("dance_frames", "GetVideoComponents", 1, video=video["VIDEO"])
     driving = wf.add("driving", "ImageFromBatch", 1, title="Driving frames", image=components["images"],
-                     batch_index=0, length=frames)
+                     batch_index=0, length=frames * segments)
+    # one alignment for the whole video, to the photo's body: every segment's poses stay on one scale
     pose = wf.add("pose", "UniAnimatePose", 2, dwpose=dwpose["dwpose"], reference_image=photo["IMAGE"],
                   driving_frames=driving["IMAGE"], alignment="official, missing bones kept",
                   missing_person="black frame", width=512, height=768)
@@ -484,17 +488,34 @@ def unianimate(wf: Workflow, frames: int, long_video: bool) -> None:
     if long_video:
         model = wf.add("windows", "UniAnimateContextWindows", 2, model=model, context_length=32,
                        context_overlap=8)["model"]
-    cond = wf.add("conditioning", "UniAnimateConditioning", 3, reference_image=photo["IMAGE"],
-                  pose_frames=pose["pose_frames"], reference_pose=pose["reference_pose"], vae=vae, clip=text,
-                  clip_vision=vision["CLIP_VISION"], mode="randomref",
-                  start="noise prior (long video)" if long_video else "noise prior", seed=UNIANIMATE_SEED,
-                  control_after_generate="fixed", steps=30)
-    sampler = wf.add("sampler", "KSamplerAdvanced", 4, model=model, add_noise="disable", noise_seed=UNIANIMATE_SEED,
-                     control_after_generate="fixed", steps=30, cfg=2.5, sampler_name="euler", scheduler="ddim_uniform",
-                     positive=cond["positive"], negative=cond["negative"], latent_image=cond["latent"],
-                     start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
-    latent_frames = wf.add("latent_frames", "UniAnimateLatentFrames", 5, samples=sampler["LATENT"])
-    decode = wf.add("decode", "VAEDecode", 5, samples=latent_frames["frames"], vae=vae)
+    reference_image, reference_pose, previous = photo["IMAGE"], pose["reference_pose"], None
+    for segment in range(segments):
+        suffix, row = ("", "") if segment == 0 else (f"_{segment + 1}", f" {segment + 1}")
+        pose_frames = pose["pose_frames"]
+        if segments > 1:
+            pose_frames = wf.add(f"poses{suffix}", "ImageFromBatch", 3, title=f"Segment{row or ' 1'} poses",
+                                 image=pose_frames, batch_index=segment * frames, length=frames)["IMAGE"]
+        cond = wf.add(f"conditioning{suffix}", "UniAnimateConditioning", 3, reference_image=reference_image,
+                      pose_frames=pose_frames, reference_pose=reference_pose, vae=vae, clip=text,
+                      clip_vision=vision["CLIP_VISION"], mode="randomref",
+                      start="noise prior (long video)" if long_video else "noise prior", seed=UNIANIMATE_SEED,
+                      control_after_generate="fixed", steps=30)
+        sampler = wf.add(f"sampler{suffix}", "KSamplerAdvanced", 4, model=model, add_noise="disable",
+                         noise_seed=UNIANIMATE_SEED, control_after_generate="fixed", steps=30, cfg=2.5,
+                         sampler_name="euler", scheduler="ddim_uniform", positive=cond["positive"],
+                         negative=cond["negative"], latent_image=cond["latent"], start_at_step=0,
+                         end_at_step=10000, return_with_leftover_noise="disable")
+        latent_frames = wf.add(f"latent_frames{suffix}", "UniAnimateLatentFrames", 5, samples=sampler["LATENT"],
+                               **({} if previous is None else {"previous": previous}))
+        previous = latent_frames["frames"]
+        if segment + 1 < segments:  # the next segment starts from this one's last frame and its pose
+            last = wf.add(f"last_latent{suffix}", "LatentFromBatch", 5, title=f"Last frame{row}",
+                          samples=previous, batch_index=-1, length=1)
+            reference_image = wf.add(f"last_frame{suffix}", "VAEDecode", 5, samples=last["LATENT"], vae=vae)["IMAGE"]
+            reference_pose = wf.add(f"last_pose{suffix}", "ImageFromBatch", 3, title=f"Last pose{row}",
+                                    image=pose["pose_frames"], batch_index=(segment + 1) * frames - 1,
+                                    length=1)["IMAGE"]
+    decode = wf.add("decode", "VAEDecode", 5, samples=previous, vae=vae)
     clip = wf.add("video", "CreateVideo", 6, images=decode["IMAGE"], fps=8.0, bit_depth=8)  # official save_fps
     wf.add("save", "SaveVideo", 7, video=clip["VIDEO"], filename_prefix=f"id_animator/{wf.name}", format="mp4",
            codec="auto")
@@ -547,8 +568,31 @@ def unianimate_long() -> Workflow:
     return wf
 
 
+def unianimate_continue() -> Workflow:
+    wf = Workflow(
+        "unianimate_continue", "UniAnimate: a longer dance, continued from the last frame",
+        "Two 32-frame segments: the second starts from the first one's last frame and pose, so 64 frames come "
+        "out of two ordinary 32-frame runs; scored for identity.",
+        "# A dance continued from its last frame (UniAnimate)\n"
+        "The other way to a long video, beside the sliding windows of `unianimate_long`: render 32 frames, then "
+        "the next 32 with the **last frame** as the reference photo and **the pose it was rendered with** as the "
+        "reference pose. Each run is an ordinary 32-frame run, with the memory of `unianimate_dance`. Unlike the "
+        "windows, segment 2 never sees the photo, so details drift a little with every segment: the score "
+        "shows how much.\n"
+        "**Driving frames** takes 64 frames; **UniAnimate Pose** aligns them all to the photo's body once; "
+        "**Segment 1 poses** and **Segment 2 poses** take 32 each (`batch_index` 0 and 32), and **Last pose** "
+        "(`batch_index` 31) is the pose of segment 1's last frame. Segment 2's **UniAnimate Latent to Frames** "
+        "puts segment 1's frames first (`previous`), so one decode makes the whole video.\n"
+        "A third segment: copy the segment 2 nodes (Ctrl+C, then Ctrl+Shift+V keeps their inputs), move every "
+        "`batch_index` on by 32 and take 96 driving frames.\n"
+        + UNIANIMATE_STEPS + NOTE_UNIANIMATE_MODELS)
+    unianimate(wf, frames=32, segments=2)
+    return wf
+
+
 WORKFLOWS: list[Callable[[], Workflow]] = [id_video_basic, id_mix, id_morph, id_sparsectrl, id_long_video, id_pose,
-                                           id_image, id_score, unianimate_dance, unianimate_long]
+                                           id_image, id_score, unianimate_dance, unianimate_long,
+                                           unianimate_continue]
 
 
 def all_workflows() -> list[Workflow]:

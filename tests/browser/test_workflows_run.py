@@ -154,7 +154,7 @@ def test_workflow_runs_end_to_end(page, browser_server, server_models, browser_b
     assert history["status"]["status_str"] == "success", (changed, json.dumps(history["status"])[-3000:])
     files = saved_files(history, prompt, browser_base)
     assert len(files) == 1 and files[0].is_file(), (files, history["outputs"])
-    frames = workflow_bed.ci_frames(name)
+    frames = workflow_bed.ci_output_frames(name)
     size = (workflow_bed.CI_SIZE, workflow_bed.CI_SIZE)
     if files[0].suffix == ".png":
         from PIL import Image

@@ -125,6 +125,20 @@ def test_a_latent_that_does_not_match_the_poses_is_explained(comfy, loaded, fram
     assert "Sample the LATENT that the same UniAnimateConditioning made" in message
 
 
+def test_latent_frames_continue_an_earlier_segment(comfy):
+    """unianimate_continue: segment 2's frames come after segment 1's; a segment at another size is
+    explained."""
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["UniAnimateLatentFrames"]
+    first, second = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 4, 2, 8, 8)
+    segment_1 = node.execute({"samples": first}).result[0]
+    video = node.execute({"samples": second}, previous=segment_1).result[0]["samples"]
+    assert video.shape == (5, 4, 8, 8)
+    assert torch.equal(video[:3], first[0].movedim(1, 0)) and torch.equal(video[3:], second[0].movedim(1, 0))
+    with pytest.raises(pack_module(comfy, "unianimate.errors").UniAnimateInputError,
+                       match=r"`previous` has shape \[3, 4, 8, 8\] but this segment's frames are \[2, 4, 16, 16\]"):
+        node.execute({"samples": torch.randn(1, 4, 2, 16, 16)}, previous=segment_1)
+
+
 def test_apply_face_adapter_refuses_a_unianimate_model(comfy, loaded):
     apply = pack_module(comfy, "nodes.apply_face_adapter")
     with pytest.raises(apply.IDAnimatorError, match="cross-attention is 1024 wide") as error:

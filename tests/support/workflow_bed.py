@@ -49,6 +49,9 @@ CI_FRAMES = 4
 # windows, each with the reference frame; the windowing code path is the shipped one).
 CI_FRAMES_BY_WORKFLOW = {"id_image": 1, "id_long_video": 20, "unianimate_long": 6}
 CI_UNIANIMATE_WINDOW = {"context_length": 4, "context_overlap": 2}
+# unianimate_continue: shipped segments of 32 frames -> CI_FRAMES each, and the frame indices that
+# cut them (`batch_index` 32, the last pose at 31) scaled with them
+CI_SEGMENTS = {"unianimate_continue": (32, 2)}  # shipped frames per segment, segments
 DANCE_FRAMES = 40  # enough for every workflow's CI frame count
 
 
@@ -131,7 +134,13 @@ def expected_widgets(name: str) -> dict[int, dict[str, Any]]:
 
 
 def ci_frames(name: str) -> int:
+    """Frames per sampling run (per segment) in CI."""
     return CI_FRAMES_BY_WORKFLOW.get(name, CI_FRAMES)
+
+
+def ci_output_frames(name: str) -> int:
+    """Frames of the saved video in CI: every segment's."""
+    return ci_frames(name) * CI_SEGMENTS.get(name, (0, 1))[1]
 
 
 def shrink(name: str, prompt: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +157,12 @@ def shrink(name: str, prompt: dict[str, Any]) -> dict[str, Any]:
                "UniAnimateContextWindows": CI_UNIANIMATE_WINDOW}
     changed = {}
     for node_id, node in prompt.items():
-        for key, value in targets.get(node["class_type"], {}).items():
+        shrunk = dict(targets.get(node["class_type"], {}))
+        if node["class_type"] == "ImageFromBatch" and name in CI_SEGMENTS:
+            scale = lambda n: n * frames // CI_SEGMENTS[name][0]  # noqa: E731
+            shrunk = {"batch_index": scale(node["inputs"]["batch_index"]),
+                      "length": max(1, scale(node["inputs"]["length"]))}
+        for key, value in shrunk.items():
             changed.setdefault(node_id, {})[key] = (node["inputs"][key], value)
             node["inputs"][key] = value
     return changed

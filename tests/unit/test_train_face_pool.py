@@ -133,7 +133,8 @@ def test_crops_are_the_inference_crop_of_the_decoded_frame(pool: Path, videos: P
                                                            detector: FaceDetector) -> None:
     """Each crop is FaceEncode's: `detect_and_align` (the node's function: 320 first, its face
     selection) on the decoded frame; the frame was counted as one face at --det-size 640.
-    (The test bed's SCRFD export has a fixed 640x640 input, so here both detections run at 640.)"""
+    (The test bed's SCRFD export has a fixed 640x640 input, so here both detections run at 640;
+    the next test runs them at their own sizes.)"""
     checked = 0
     for video_id, faces in load_pool(pool).items():
         for face in faces:
@@ -147,6 +148,65 @@ def test_crops_are_the_inference_crop_of_the_decoded_frame(pool: Path, videos: P
             np.testing.assert_allclose(face.box, expected.face.bbox, atol=1e-3)
             checked += 1
     assert checked == 5 + 3 + 3
+
+
+@pytest.fixture(scope="module")
+def any_size_scrfd(scrfd_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test bed's SCRFD with its input size left open, so that 320 and 640 really differ (the
+    export is fixed at 640x640). Its only size-bound nodes are the two FPN upsamplings, which
+    resize to fixed sizes (40x40, 80x80 at 640); given as scale 2 instead and with the input's
+    height and width symbolic, it is the same network at 640 and runs at any multiple of 32."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(scrfd_onnx))
+    graph = model.graph
+    resizes = [n for n in graph.node if n.op_type == "Resize"]
+    assert len(resizes) == 2
+    graph.initializer.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "fpn_scale_2"))
+    for node in resizes:  # inputs: X, roi, scales, sizes
+        node.input[:] = [node.input[0], node.input[1], "fpn_scale_2"]
+    dims = graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    for output in graph.output:  # anchors per level follow the size
+        output.type.tensor_type.shape.dim[1].dim_param = "anchors"
+    del graph.value_info[:]  # shapes inferred at 640
+    path = tmp_path_factory.mktemp("scrfd_any_size") / "scrfd.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_pool_crops_are_the_inference_crop_where_320_and_640_differ(
+        any_size_scrfd: Path, detector: FaceDetector, tmp_path: Path) -> None:
+    """On a frame where detecting at 320 and at 640 give different crops, the pool's crop is
+    FaceEncode's (320 first), not the counting size's (--det-size 640)."""
+    any_size = FaceDetector(any_size_scrfd, providers=resolve_providers("CPU"))
+    assert any_size.input_size(320) == (320, 320) and detector.input_size(320) == (640, 640)
+    frames = face_video_frames(skimage_data.astronaut(), 3, size=SIZE, seed=6)
+    # the rewrite is faithful: at 640 it finds what the fixed export finds
+    fixed, rewritten = detector.detect(frames[0], 640), any_size.detect(frames[0], 640)
+    assert len(fixed) == len(rewritten) == 1
+    np.testing.assert_allclose(rewritten[0].kps, fixed[0].kps, atol=1e-3)
+
+    video = write_video(tmp_path / "videos" / "astro.mp4", frames)
+    out = tmp_path / "pool"
+    assert _pool_cli(video.parent, "--out", out, "--detector", any_size_scrfd, "--provider", "cpu",
+                     "--det-size", "640") == 0
+    faces = load_pool(out)["astro"]
+    assert len(faces) == 3
+    differ = 0
+    for face in faces:
+        rgb = _frame(video, face.frame)
+        at_320 = detect_and_align(any_size, rgb)
+        at_640 = detect_and_align(any_size, rgb, det_sizes=(640,))
+        assert len(any_size.detect(rgb, 320)) == 1  # found at the official size: 320 made the crop
+        crop = np.asarray(Image.open(face.crop).convert("RGB"))
+        np.testing.assert_array_equal(crop, at_320.crop)
+        gap = float(np.abs(at_320.face.kps - at_640.face.kps).max())
+        pixels = int((at_320.crop.astype(int) != at_640.crop.astype(int)).any(-1).sum())
+        print(f"frame {face.frame}: keypoints 320 vs 640 up to {gap:.2f} px apart, crops differ in {pixels} pixels")
+        differ += pixels > 1000
+    assert differ == len(faces)
 
 
 @pytest.fixture(scope="module")
