@@ -305,6 +305,37 @@ def unianimate_section(data: dict, summary: list) -> str:
               f"{loads(data['rounds']['load_average_1min'])}.")
 
 
+def unianimate_memory_section(data: dict, summary: list) -> str:
+    """Issue 21 item 7: memory at 16/32/64 frames with UniAnimate Context Windows and without."""
+    results = data["results"]
+
+    def find(frames: int, windows: bool) -> dict | None:
+        return next((r for r in results if (r["frames"], r["windows"]) == (frames, windows)), None)
+
+    rows = []
+    for r in results:
+        first = find(16, r["windows"])
+        rows.append([r["frames"], "on" if r["windows"] else "off", round(r["rss_before_mib"]), round(r["peak_mib"]),
+                     round(r["sampling_mib"]), f"{r['sampling_mib'] / first['sampling_mib']:.2f}" if first else "-",
+                     f"{len(r['unet_call_frames'])} of {max(r['unet_call_frames'])} frames",
+                     f"{r['sample_cpu_s']:.0f}", r["load_average_1min"]])
+    for frames in (32, 64):
+        on, off = find(frames, True), find(frames, False)
+        if on and off:
+            summary.append([f"UniAnimate, sampling memory at {frames} frames, windows (16, overlap 4) vs none, "
+                            f"width {data['dim']}, {data['latent'] * 8}x{data['latent'] * 8}",
+                            f"{on['sampling_mib'] / off['sampling_mib']:.3f}x ({round(off['sampling_mib'])} -> "
+                            f"{round(on['sampling_mib'])} MiB)", "(what windows save)", "-"])
+    w = data["window"]
+    return (f"### 8. UniAnimate memory with frames (one step, width {data['dim']}, "
+            f"{data['latent'] * 8}x{data['latent'] * 8} pixels, cfg {data['cfg']})\n\n{header(data)}\n\n"
+            f"UniAnimate Context Windows length {w['context_length']}, overlap {w['context_overlap']}, or none; "
+            "every condition given. Sampling MiB is the high-water mark above the resident size before "
+            "sampling, in a fresh process per configuration.\n\n"
+            + table(["frames", "windows", "RSS before MiB", "peak MiB", "sampling MiB", "sampling / 16 frames",
+                     "UNet calls", "CPU s", "load 1 min"], rows))
+
+
 def render() -> str:
     summary: list[list[Any]] = []
     sections = []
@@ -326,6 +357,8 @@ def render() -> str:
         sections.append(training_section(read("train_step"), read("train_data"), read("face_pool"), summary))
     if (data := read("unianimate_unet")) is not None:
         sections.append(unianimate_section(data, summary))
+    if (data := read("unianimate_memory")) is not None:
+        sections.append(unianimate_memory_section(data, summary))
     head = ("## Results\n\n### Summary\n\n"
             + table(["what", "measured (median, min-max)", "goal", "machine contended"], summary))
     return "\n\n".join([BEGIN, head, *sections, END])

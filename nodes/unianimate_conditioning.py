@@ -36,7 +36,10 @@ def clip_image_embeds(clip_vision, image: torch.Tensor) -> torch.Tensor:
     """[1, H, W, 3] → the projected ViT-H/14 embedding [1, 1, 1024] (official `image`)."""
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     pixels = clip_pixels(image).to(clip_vision.load_device)
-    out = clip_vision.model(pixel_values=pixels, intermediate_output=-2)
+    # as FaceEncode: a caller outside the executor's inference mode (another pack, a test) would
+    # otherwise keep the tower's autograd graph, about 3 GB a call
+    with torch.no_grad():
+        out = clip_vision.model(pixel_values=pixels, intermediate_output=-2)
     embeds = out[2].float().cpu()
     if tuple(embeds.shape) != (1, 1024):
         raise UniAnimateInputError(
