@@ -163,6 +163,19 @@ def sample(session: Session, model, frames: int, size: int, steps: int = 1, cfg:
                                                text_conditioning(2), latent)[0]["samples"]
 
 
+def record_unet_inputs(model) -> tuple[Any, list[tuple[int, ...]]]:
+    """A clone of the MODEL that records the input shape of every UNet call it makes."""
+    shapes: list[tuple[int, ...]] = []
+
+    def record(apply_model, args):
+        shapes.append(tuple(args["input"].shape))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model = model.clone()
+    model.set_model_unet_function_wrapper(record)
+    return model, shapes
+
+
 def flop_counter():
     """torch's FlopCounterMode, also counting the fused CPU attention kernel.
 

@@ -83,14 +83,7 @@ def child(frames: int, windows: bool, adapter: bool, latent: int, device: str, a
         model = session.nodes["ContextWindowsManual"].execute(model, **WINDOW).args[0]
     # the batch of each UNet call: shows whether ComfyUI split cond/uncond (it does when its
     # free-memory estimate is short), which changes the peak as much as the frame count does
-    batches: list[int] = []
-
-    def record_batch(apply_model, args):
-        batches.append(int(args["input"].shape[0]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model = model.clone()
-    model.set_model_unet_function_wrapper(record_batch)
+    model, calls = common.record_unet_inputs(model)
     before = status_kib("VmRSS")
     reset_peak()
     if device == "cuda":
@@ -107,7 +100,7 @@ def child(frames: int, windows: bool, adapter: bool, latent: int, device: str, a
     return {"frames": frames, "windows": windows, "adapter": adapter, "latent": latent,
             "rss_before_mib": before / 1024, "peak_mib": peak / 1024, "sampling_mib": (peak - before) / 1024,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "unet_call_batches": batches, "sample_wall_s": wall, "sample_cpu_s": cpu,
+            "unet_call_batches": [shape[0] for shape in calls], "sample_wall_s": wall, "sample_cpu_s": cpu,
             "load_average_1min": common.load_average(),
             "adapter_bytes": sizes, "comfy_attention": common.comfy_attention()}
 

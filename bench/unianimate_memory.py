@@ -49,14 +49,7 @@ def child(frames: int, windows: bool, dim: int, latent: int) -> dict:
     if windows:
         model = session.nodes["UniAnimateContextWindows"].execute(model, **WINDOW).args[0]
 
-    calls: list[int] = []
-
-    def record_frames(apply_model, args):
-        calls.append(int(args["input"].shape[2]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model = model.clone()
-    model.set_model_unet_function_wrapper(record_frames)
+    model, calls = common.record_unet_inputs(model)  # [batch, 4, frames, h, w] each
     gen = torch.Generator().manual_seed(1)
     pixels = latent * 8
     zero_y = torch.randn(1, 77, 1024, generator=gen)
@@ -82,7 +75,7 @@ def child(frames: int, windows: bool, dim: int, latent: int) -> dict:
         raise RuntimeError("the sampled latent is not finite")
     return {"frames": frames, "windows": windows, "dim": dim, "latent": latent,
             "rss_before_mib": before / 1024, "peak_mib": peak / 1024, "sampling_mib": (peak - before) / 1024,
-            "unet_call_frames": calls, "sample_wall_s": wall, "sample_cpu_s": cpu,
+            "unet_call_frames": [shape[2] for shape in calls], "sample_wall_s": wall, "sample_cpu_s": cpu,
             "load_average_1min": common.load_average()}
 
 

@@ -493,7 +493,7 @@ def unianimate(wf: Workflow, frames: int, long_video: bool = False, segments: in
         suffix, row = ("", "") if segment == 0 else (f"_{segment + 1}", f" {segment + 1}")
         pose_frames = pose["pose_frames"]
         if segments > 1:
-            pose_frames = wf.add(f"poses{suffix}", "ImageFromBatch", 3, title=f"Segment{row or ' 1'} poses",
+            pose_frames = wf.add(f"poses{suffix}", "ImageFromBatch", 3, title=f"Segment {segment + 1} poses",
                                  image=pose_frames, batch_index=segment * frames, length=frames)["IMAGE"]
         cond = wf.add(f"conditioning{suffix}", "UniAnimateConditioning", 3, reference_image=reference_image,
                       pose_frames=pose_frames, reference_pose=reference_pose, vae=vae, clip=text,
@@ -583,8 +583,9 @@ def unianimate_continue() -> Workflow:
         "**Segment 1 poses** and **Segment 2 poses** take 32 each (`batch_index` 0 and 32), and **Last pose** "
         "(`batch_index` 31) is the pose of segment 1's last frame. Segment 2's **UniAnimate Latent to Frames** "
         "puts segment 1's frames first (`previous`), so one decode makes the whole video.\n"
-        "A third segment: copy the segment 2 nodes (Ctrl+C, then Ctrl+Shift+V keeps their inputs), move every "
-        "`batch_index` on by 32 and take 96 driving frames.\n"
+        "A third segment: copy the nodes from **Last frame** to segment 2's **UniAnimate Latent to Frames**, paste "
+        "them (Ctrl+Shift+V keeps their inputs), connect segment 2's `frames` to the copies' **Last frame** and "
+        "`previous`, add 32 to every `batch_index` and take 96 driving frames.\n"
         + UNIANIMATE_STEPS + NOTE_UNIANIMATE_MODELS)
     unianimate(wf, frames=32, segments=2)
     return wf
