@@ -12,7 +12,7 @@ from ..unianimate.errors import UniAnimateInputError
 from ..unianimate.noise_prior import (OFFICIAL_STEPS, PRIOR_T_LONG, PRIOR_T_SHORT, SD_SCALE, ddim_timesteps,
                                       draw_noise, noise_prior, plain_noise, starting_latent)
 from ..unianimate.preprocess import clip_pixels, frames_first, pil_resize
-from .unianimate_model import IMAGE_COND, LOCAL_IMAGE_COND, POSE_COND, REFERENCE_COND
+from .unianimate_model import IMAGE_COND, LOCAL_IMAGE_COND, POSE_COND, REFERENCE_COND, conditioned_pair
 
 MODES = ["randomref", "local_image"]
 STARTS = ["noise prior", "noise prior (long video)", "plain noise"]
@@ -114,7 +114,8 @@ class UniAnimateConditioning(io.ComfyNode):
             outputs=[
                 io.Conditioning.Output(display_name="positive", tooltip="Pose, reference and image tokens."),
                 io.Conditioning.Output(display_name="negative", tooltip="The official unconditional branch: "
-                                                                        "no condition at all."),
+                                                                        "every condition marked absent (KSampler "
+                                                                        "runs it in one batch with the positive)."),
                 io.Latent.Output(display_name="latent", tooltip="[1, 4, frames, H/8, W/8] with the starting "
                                                                 "noise in it."),
             ],
@@ -146,4 +147,5 @@ class UniAnimateConditioning(io.ComfyNode):
             x_init = noise_prior(reference_latent, noise, offset, PRIOR_T_LONG if long_video else PRIOR_T_SHORT,
                                  long_video=long_video)
         latent = starting_latent(x_init, ddim_timesteps(steps)[0])
-        return io.NodeOutput([[context, conds]], [[context.clone(), {}]], {"samples": latent})
+        positive, negative = conditioned_pair(conds)
+        return io.NodeOutput([[context, positive]], [[context.clone(), negative]], {"samples": latent})

@@ -7,11 +7,13 @@ context windows) on the pure-PyTorch UNet of `unianimate/`.
 - Latents are 5-D [B, 4, F, h, w] in the SD latent format (0.18215).
 - Conditions travel in the CONDITIONING dict (see `unianimate_conditioning.py`): the positive one
   carries the pose frames (reference pose at frame 0), the reference latent, the CLIP image
-  embedding and optionally the local image; the negative one carries none of them, which is the
-  official unconditional branch (every condition None: zeros after the adapters, 4 zero tokens).
-  Both carry `zero_y` as their cross-attention tensor. Because their keys differ, ComfyUI never
-  concatenates a conditioned and an unconditioned sample into one batch, so no sample sees
-  another's conditions.
+  embedding and optionally the local image; the negative one carries zeros of the same shapes,
+  marked absent in its presence flags, which the UNet computes as the official unconditional
+  branch (every condition None: zeros after the adapters, 4 zero tokens) whatever the tensors
+  hold. Both carry `zero_y` as their cross-attention tensor. With equal keys and shapes ComfyUI
+  puts the conditional and unconditional samples in one batch (one UNet pass per step instead of
+  two); each sample is gated by its own flags, so no sample sees another's conditions. A
+  negative from elsewhere (no flags) is never batched with the positive and means None.
 - Context windows (core `ContextWindowsManual` on dim 2): every window gets the reference pose
   followed by its own frames' poses, the same reference latent and the same image tokens
   (official `DiffusionDDIMLong`); core's causal anchor frame is removed again before the UNet (the
@@ -32,16 +34,19 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..unianimate.config import UniAnimateConfig
 from ..unianimate.errors import UniAnimateInputError
-from ..unianimate.unet import UniAnimateUNet
+from ..unianimate.unet import CONDITIONS, UniAnimateUNet
 
 # keys of the CONDITIONING dict (pack-prefixed: other packs' keys must not collide) ...
 POSE_COND = "unianimate_pose"  # [B, 3, F+1, H, W] in 0..1, frame 0 = the reference pose
 REFERENCE_COND = "unianimate_reference"  # [B, 4, 1, h, w] reference latent, × 0.18215 applied
 IMAGE_COND = "unianimate_clip_image"  # [B, 1, 1024] CLIP ViT-H/14 image_embeds
 LOCAL_IMAGE_COND = "unianimate_local_image"  # [B, 3, F, H, W] in 0..1 (official local_image mode)
-# ... and the keyword names the model receives them under
+PRESENT_COND = "unianimate_present"  # [B, 4]: 1 where the sample has the condition (unet.CONDITIONS order)
+# ... the UNet's name for each condition, and the keyword names the model receives them under
+CONDITION_NAMES = {POSE_COND: "pose", REFERENCE_COND: "reference_latent", IMAGE_COND: "image_embed",
+                   LOCAL_IMAGE_COND: "local_image"}
 MODEL_KWARGS = {POSE_COND: "pose", REFERENCE_COND: "reference", IMAGE_COND: "clip_image",
-                LOCAL_IMAGE_COND: "local_image"}
+                LOCAL_IMAGE_COND: "local_image", PRESENT_COND: "present"}
 
 SCHEDULE = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000,
             "zsnr": True}  # official configs: linear_sd, zero_terminal_snr True (§5)
@@ -67,15 +72,27 @@ class ComfyUniAnimateUNet(UniAnimateUNet):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 control=None, transformer_options: dict | None = None, pose=None, reference=None,
-                clip_image=None, local_image=None, **_) -> torch.Tensor:
+                clip_image=None, local_image=None, present=None, **_) -> torch.Tensor:
         anchored = _has_causal_anchor(transformer_options or {})
         if anchored:  # drop core's anchor frame (see the module docstring) and give it back as zeros
             x = x[:, :, 1:]
-        out = super().forward(x, timesteps, pose=pose, reference_latent=reference, local_image=local_image,
-                              image_embed=clip_image, zero_y=context)
+        given = {"pose": pose, "reference_latent": reference, "local_image": local_image, "image_embed": clip_image}
+        masks = None if present is None else {
+            name: present[:, CONDITIONS.index(name)] > 0.5 for name, value in given.items() if value is not None}
+        out = super().forward(x, timesteps, zero_y=context, present=masks, **given)
         if anchored:
             out = torch.cat([torch.zeros_like(out[:, :, :1]), out], dim=2)
         return out
+
+
+def conditioned_pair(conds: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The positive and negative CONDITIONING dicts for `conds` (keys of CONDITION_NAMES): the
+    positive flags its conditions present; the negative holds zeros of the same shapes flagged
+    absent, the official unconditional branch in a form KSampler batches with the positive."""
+    names = {CONDITION_NAMES[key] for key in conds}
+    flags = torch.tensor([[float(name in names) for name in CONDITIONS]])
+    negative = {key: torch.zeros_like(value) for key, value in conds.items()}
+    return {**conds, PRESENT_COND: flags}, {**negative, PRESENT_COND: torch.zeros_like(flags)}
 
 
 def _has_causal_anchor(transformer_options: dict) -> bool:
@@ -100,7 +117,7 @@ class UniAnimateModel(comfy.model_base.BaseModel):
 
     def resize_cond_for_context_window(self, cond_key, cond_value, window, x_in, device, retain_index_list=[]):
         """Per window: the reference pose + the window's poses; reference and image tokens whole."""
-        if cond_key in ("reference", "clip_image", "c_crossattn"):  # per sample, not per frame
+        if cond_key in ("reference", "clip_image", "present", "c_crossattn"):  # per sample, not per frame
             return cond_value._copy_with(cond_value.cond.to(device))
         if cond_key == "pose":
             frames = [0] + [i + 1 for i in _window_frames(window)]  # pose frame i+1 belongs to latent frame i

@@ -77,7 +77,24 @@ def official_run(official, cache_dir, inputs, timesteps):
     return x_init, x, x0s
 
 
-def test_ksampler_equals_the_official_ddim(comfy, cache_dir, models, inputs):
+def counting_batches(patcher):
+    """A clone of `patcher` that records the batch size of every UNet pass."""
+    batches = []
+
+    def wrapper(apply_model, args):
+        batches.append(args["input"].shape[0])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    counted = patcher.clone()
+    counted.set_model_unet_function_wrapper(wrapper)
+    return counted, batches
+
+
+@pytest.mark.parametrize("negative", ["node", "empty"])
+def test_ksampler_equals_the_official_ddim(comfy, cache_dir, models, inputs, negative):
+    """With UniAnimateConditioning's pair (`node`: zeros flagged absent) KSampler runs the
+    conditional and unconditional samples as one batch of two; with an empty negative (`empty`,
+    e.g. from another node) as two passes. Both are the official DDIM."""
     from comfy import sample as comfy_sample, samplers as comfy_samplers
 
     official, patcher, zero_y = models
@@ -93,16 +110,22 @@ def test_ksampler_equals_the_official_ddim(comfy, cache_dir, models, inputs):
     x_init = prior.noise_prior(inputs["reference"], inputs["noise"], inputs["offset"])
     assert relative_error(x_init, x_init_official) < 1e-6
 
-    positive = [[zero_y, {model_mod.POSE_COND: inputs["pose"], model_mod.REFERENCE_COND: inputs["reference"],
-                          model_mod.IMAGE_COND: inputs["image"]}]]
-    negative = [[zero_y.clone(), {}]]
+    conds = {model_mod.POSE_COND: inputs["pose"], model_mod.REFERENCE_COND: inputs["reference"],
+             model_mod.IMAGE_COND: inputs["image"]}
+    if negative == "node":
+        with_flags, without = model_mod.conditioned_pair(conds)
+        positive, negative_cond = [[zero_y, with_flags]], [[zero_y.clone(), without]]
+    else:
+        positive, negative_cond = [[zero_y, conds]], [[zero_y.clone(), {}]]
     latent = prior.starting_latent(x_init, timesteps[0])
+    counted, batches = counting_batches(patcher)
     x0_ours = []
     samples = comfy_sample.sample(
-        patcher, torch.zeros_like(latent), STEPS, GUIDE, "euler", "ddim_uniform", positive, negative, latent,
+        counted, torch.zeros_like(latent), STEPS, GUIDE, "euler", "ddim_uniform", positive, negative_cond, latent,
         denoise=1.0, disable_noise=True, start_step=0, last_step=RUN, force_full_denoise=False,
         callback=lambda step, x0, x, total: x0_ours.append(x0.clone()), disable_pbar=True, seed=0)
 
+    assert batches == ([2] * RUN if negative == "node" else [1] * (2 * RUN)), batches
     assert len(x0_ours) == RUN
     errors = [relative_error(ours, theirs) for ours, theirs in zip(x0_ours, x0_official)]
     assert max(errors) < REL_TOL, errors
@@ -170,13 +193,14 @@ def test_context_windows_equal_the_official_long_sampler(comfy, models, long_inp
     x_init = prior.noise_prior(inputs["reference"], inputs["long_noise"], inputs["long_offset"],
                                prior.PRIOR_T_LONG, long_video=True)
     assert relative_error(x_init, x_init_official) < 1e-6
-    positive = [[zero_y, {model_mod.POSE_COND: inputs["long_pose"], model_mod.REFERENCE_COND: inputs["reference"],
-                          model_mod.IMAGE_COND: inputs["image"]}]]
+    with_flags, without = model_mod.conditioned_pair(
+        {model_mod.POSE_COND: inputs["long_pose"], model_mod.REFERENCE_COND: inputs["reference"],
+         model_mod.IMAGE_COND: inputs["image"]})  # as UniAnimateConditioning gives them
     latent = prior.starting_latent(x_init, timesteps[0])
     x0_ours = []
     samples = comfy_sample.sample(
-        windowed, torch.zeros_like(latent), STEPS, GUIDE, "euler", "ddim_uniform", positive,
-        [[zero_y.clone(), {}]], latent, denoise=1.0, disable_noise=True, start_step=0, last_step=RUN,
+        windowed, torch.zeros_like(latent), STEPS, GUIDE, "euler", "ddim_uniform", [[zero_y, with_flags]],
+        [[zero_y.clone(), without]], latent, denoise=1.0, disable_noise=True, start_step=0, last_step=RUN,
         force_full_denoise=False, callback=lambda step, x0, x, total: x0_ours.append(x0.clone()),
         disable_pbar=True, seed=0)
     errors = [relative_error(ours, theirs) for ours, theirs in zip(x0_ours, x0_official)]

@@ -2,7 +2,9 @@
 
 The first run on an empty cache takes minutes (it builds a whole environment, mostly pip writing
 files, on one core), so tests/install/conftest.py starts it in the background when the session
-starts and the install test only waits for it: the rest of the suite runs meanwhile."""
+starts and the install test only waits for it: the rest of the suite runs meanwhile. It runs at
+the lowest CPU priority: it has until the install tier to finish, while the tests beside it run
+torch on every core, and a core taken from one of torch's threads stalls all of them."""
 from __future__ import annotations
 
 import os
@@ -47,7 +49,7 @@ class BackgroundBootstrap:
     def start(cls) -> "BackgroundBootstrap":
         folder = Path(tempfile.mkdtemp(prefix="ida-bootstrap-"))
         with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
-            process = subprocess.Popen(command(), env=dict(os.environ, IDA_CACHE=str(folder / "cache")), stdout=out,
+            process = subprocess.Popen(["nice", "-n", "19", *command()], env=dict(os.environ, IDA_CACHE=str(folder / "cache")), stdout=out,
                                        stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
         return cls(folder, process)
 
