@@ -1,6 +1,6 @@
 """Every shipped workflow runs end to end as a user runs it: the file dropped on the real frontend,
 turned into a prompt by the frontend itself (`app.graphToPrompt`), shrunk for the CPU (tiny
-latents, few frames (UniAnimate's context windows with them), two steps; nothing else changed)
+latents, few frames (the long videos' context windows with them), two steps; nothing else changed)
 and executed by real ComfyUI with the real AnimateDiff-Evolved and Advanced-ControlNet at the
 pinned commits, on full-size random weights under the file names the workflows use. Each must
 write its video or image.
@@ -167,4 +167,8 @@ def test_workflow_runs_end_to_end(page, browser_server, server_models, browser_b
             assert history["outputs"][node_id]["images"], history["outputs"].get(node_id)
         if node["class_type"] == "UniAnimateContextWindows":  # unianimate_long: the windows slid
             assert f"Context window 2/2: frames 2-5 of {frames}" in browser_server.log(), browser_server.log()[-3000:]
+        if node["class_type"] == "ADE_StandardUniformContextOptions":  # id_long_video: AnimateDiff's windows slid
+            assert (f"Sliding context window sampling activated - latents passed in ({frames}) greater than "
+                    f"context_length {workflow_bed.CI_WINDOW['context_length']}") in browser_server.log(), \
+                browser_server.log()[-3000:]
     page.screenshot(path=str(artifacts / f"run_{name}.png"))

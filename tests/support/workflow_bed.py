@@ -42,13 +42,14 @@ INPUT_STAND_INS = {"person_a.png": photos.ASTRONAUT, "person_b.png": photos.NEWT
 DANCE_VIDEO = "dance.mp4"
 CI_SIZE, CI_STEPS = 64, 2  # the shipped graphs at a size a CPU renders in seconds
 CI_FRAMES = 4
-# The long videos keep more frames than their context window, so that windows really slide:
-# id_long_video its shipped 16-frame window over 20 frames. unianimate_long's shipped window of 32
-# would need 33+ frames, which cost the 1.4 B-parameter UNet minutes per step on a CPU, so its
-# window shrinks with the frames, as the latent does: 4 frames overlapping by 2 over 6 (two
-# windows, each with the reference frame; the windowing code path is the shipped one).
-CI_FRAMES_BY_WORKFLOW = {"id_image": 1, "id_long_video": 20, "unianimate_long": 6}
-CI_UNIANIMATE_WINDOW = {"context_length": 4, "context_overlap": 2}
+# The long videos keep more frames than their context window, so that windows really slide. Their
+# shipped windows (16 frames for id_long_video, 32 for unianimate_long) would need 17+ and 33+
+# frames, which cost the full-size UNets most of the browser tier on a CPU (id_long_video's 16-frame
+# windows over 20 frames: 70 s of its 2 steps), so the windows shrink with the frames, as the latent
+# does: 4 frames overlapping by 2 over 6 (the windowing code path, the fuse method and the rest of
+# the context options are the shipped ones).
+CI_FRAMES_BY_WORKFLOW = {"id_image": 1, "id_long_video": 6, "unianimate_long": 6}
+CI_WINDOW = {"context_length": 4, "context_overlap": 2}
 # unianimate_continue: shipped segments of 32 frames -> CI_FRAMES each, and the frame indices that
 # cut them (`batch_index` 32, the last pose at 31) scaled with them
 CI_SEGMENTS = {"unianimate_continue": (32, 2)}  # shipped frames per segment, segments
@@ -144,7 +145,7 @@ def ci_output_frames(name: str) -> int:
 
 
 def shrink(name: str, prompt: dict[str, Any]) -> dict[str, Any]:
-    """The API prompt with tiny latents, few frames (and UniAnimate windows to match) and CI_STEPS
+    """The API prompt with tiny latents, few frames (and context windows to match) and CI_STEPS
     steps; nothing else changed. Returns
     {node id: {input: (shipped, shrunk)}} so a test can show exactly what it changed."""
     frames = ci_frames(name)
@@ -154,7 +155,7 @@ def shrink(name: str, prompt: dict[str, Any]) -> dict[str, Any]:
                "KSampler": {"steps": CI_STEPS}, "ImageFromBatch": {"length": frames},
                "UniAnimatePose": {"width": CI_SIZE, "height": CI_SIZE},
                "UniAnimateConditioning": {"steps": CI_STEPS}, "KSamplerAdvanced": {"steps": CI_STEPS},
-               "UniAnimateContextWindows": CI_UNIANIMATE_WINDOW}
+               "UniAnimateContextWindows": CI_WINDOW, "ADE_StandardUniformContextOptions": CI_WINDOW}
     changed = {}
     for node_id, node in prompt.items():
         shrunk = dict(targets.get(node["class_type"], {}))
