@@ -5,8 +5,8 @@ photo in every other frame) -> `pool` with the real SCRFD detector -> `captions`
 and action sidecar files -> `latents` with the test bed's full-size random SD1.5 checkpoint's VAE
 -> `train` with that checkpoint's UNet, the random AnimateDiff v2 motion module and CLIP ViT-H/14
 (the files the nodes load), in bf16 with gradient checkpointing, gradient accumulation and
-TensorBoard: the paths a GPU run takes -> the exported `animator.ckpt` loaded by the real
-LoadIDAnimator, used by FaceEncode and ApplyFaceAdapter to sample.
+TensorBoard: the paths a GPU run takes -> the exported `animator.ckpt` and `animator.safetensors`
+each loaded by the real LoadIDAnimator, used by FaceEncode and ApplyFaceAdapter to sample.
 """
 from __future__ import annotations
 
@@ -27,9 +27,6 @@ from id_animator.train.face_pool import load_pool
 from support.graphs import face_video_graph, saved_latent
 from support.photos import astronaut_image
 from support.videos import face_video_frames, write_video
-
-EXPORTED = "ida_test_chain.ckpt"
-
 
 def cli(import_root: Path, command: str, *args: object) -> subprocess.CompletedProcess:
     # every core: the full-size train step is the one thing running (1 thread: setup 67 s, 2: 60 s)
@@ -92,23 +89,34 @@ def test_pool_captions_and_run_folder(chain: dict) -> None:
 
 
 def test_exported_adapter_loads_and_samples_in_comfyui(chain: dict, comfy, comfy_base: Path, model_files) -> None:
-    exported = chain["run"] / "exports" / "step-2" / "animator.ckpt"
-    trained = load_adapter_checkpoint(exported)  # our loader, strict SD1.5 shapes
+    """Both exported files (the official-layout .ckpt and the .safetensors twin) load through the real
+    LoadIDAnimator and sample the same video, which is not the starting adapter's."""
+    exports = chain["run"] / "exports" / "step-2"
+    trained = load_adapter_checkpoint(exports / "animator.ckpt")  # our loader, strict SD1.5 shapes
     start = load_adapter_checkpoint(model_files["id_animator"]["animator.ckpt"])
     moved = [k for k, t in trained.resampler.items() if not torch.equal(t, start.resampler[k])]
     assert len(moved) == len(start.resampler)  # 2 steps at lr 1e-3 moved every Resampler tensor
+    assert all(not torch.equal(t, start.layers[31][k]) for k, t in trained.layers[31].items())  # and the layers'
     assert all(t.dtype == torch.float32 and bool(torch.isfinite(t).all()) for t in trained.tensors())
 
-    target = comfy_base / "models" / "id_animator" / EXPORTED
-    shutil.copy(exported, target)
+    folder, runs = comfy_base / "models" / "id_animator", {}
+    copies = {suffix: folder / f"ida_test_chain{suffix}" for suffix in (".ckpt", ".safetensors")}
+    for suffix, target in copies.items():
+        shutil.copy(exports / f"animator{suffix}", target)
     comfy.folder_paths.filename_list_cache.clear()
     try:
-        graph = face_video_graph(frames=2, weight=1.0, prefix="chain")
-        graph["ida"]["inputs"]["adapter_name"] = EXPORTED
-        result = comfy.run(graph)
-        assert result.success, result.error_message
-        latent = saved_latent(comfy_base / "output", result.outputs["save"])
-        assert latent.shape == (2, 4, 8, 8) and bool(torch.isfinite(latent).all())
+        for name in [*(path.name for path in copies.values()), "animator.ckpt"]:
+            graph = face_video_graph(frames=2, weight=1.0, prefix=f"chain_{name}")
+            graph["ida"]["inputs"]["adapter_name"] = name
+            result = comfy.run(graph)
+            assert result.success, (name, result.error_message)
+            runs[name] = saved_latent(comfy_base / "output", result.outputs["save"])
     finally:
-        target.unlink(missing_ok=True)
+        for target in copies.values():
+            target.unlink(missing_ok=True)
         comfy.folder_paths.filename_list_cache.clear()
+    ckpt, safetensors, before = (runs[name] for name in ("ida_test_chain.ckpt", "ida_test_chain.safetensors",
+                                                          "animator.ckpt"))
+    assert ckpt.shape == (2, 4, 8, 8) and bool(torch.isfinite(ckpt).all())
+    assert torch.equal(ckpt, safetensors)  # the two files hold the same adapter
+    assert not torch.equal(ckpt, before)  # and it is the trained one that sampled
