@@ -59,7 +59,7 @@ def _make_importable() -> Path:
 IMPORT_ROOT = _make_importable()
 
 
-SUITES = ("unit", "integration", "browser", "install")
+SUITES = ("unit", "integration", "install", "browser")
 
 
 def _suite(item) -> str:
@@ -71,10 +71,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if suite := _suite(item):
             item.add_marker(getattr(pytest.mark, suite))
-    # Suites in SUITES order (fast ones first), browser after every in-process test: Playwright's
-    # sync API keeps an event loop running in this thread while a page is open, and the in-process
-    # ComfyUI cannot start its own loop under it. Install comes last: its empty-cache bootstrap runs
-    # in the background during the browser tier (tests/install/conftest.py). Within a suite, the tests of the in-process ComfyUI come first, then those
+    # Suites in SUITES order (fast ones first), browser last: Playwright's sync API keeps an event
+    # loop running in this thread while a page is open, and the in-process ComfyUI cannot start its
+    # own loop under it. Within a suite, the tests of the in-process ComfyUI come first, then those
     # of the HTTP one, so each is released once, after its last test (tests/integration/conftest.py).
     # A test that uses neither runs with its module's in-process tests (or, in a module without
     # any, after the HTTP group), so a module's fixtures are built once: pytest tears a module's

@@ -2,7 +2,7 @@
 paths asked for (people's messages go to standard error, each step's output to a log), the
 environment it builds works, and a second run builds nothing. pip's download cache is reused, so
 this takes minutes, not the first-ever download; the first run starts in the background when the
-browser tier starts (conftest.py), so those minutes overlap the browser tests."""
+session starts (conftest.py), so those minutes overlap the other tests."""
 from __future__ import annotations
 
 import os

@@ -1,10 +1,12 @@
 """scripts/bootstrap.py run as the README's commands run it, on a cache folder of the test's own.
 
 The first run on an empty cache takes minutes (it builds a whole environment, mostly pip writing
-files, on one core), so tests/install/conftest.py starts it in the background when the browser
-tier starts and the install test only waits for it. It runs at the lowest CPU priority: it has
-until the install tier to finish, while the tests beside it run torch on every core, and a core
-taken from one of torch's threads stalls all of them."""
+files, on one core), so tests/install/conftest.py starts it in the background when the session
+starts and the install test only waits for it. It runs at the lowest CPU priority: it has until
+the install tier to finish, while the tests beside it run torch on every core, and a core taken
+from one of torch's threads stalls all of them. (Started with the browser tier instead, its 6 GB
+of writes evicted the workflows' models from the page cache: unianimate_dance 27 s alone, 125 s
+beside it, and the whole command 35.7 minutes.)"""
 from __future__ import annotations
 
 import os
