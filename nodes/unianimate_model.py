@@ -42,10 +42,8 @@ REFERENCE_COND = "unianimate_reference"  # [B, 4, 1, h, w] reference latent, × 
 IMAGE_COND = "unianimate_clip_image"  # [B, 1, 1024] CLIP ViT-H/14 image_embeds
 LOCAL_IMAGE_COND = "unianimate_local_image"  # [B, 3, F, H, W] in 0..1 (official local_image mode)
 PRESENT_COND = "unianimate_present"  # [B, 4]: 1 where the sample has the condition (unet.CONDITIONS order)
-# ... the UNet's name for each condition, and the keyword names the model receives them under
-CONDITION_NAMES = {POSE_COND: "pose", REFERENCE_COND: "reference_latent", IMAGE_COND: "image_embed",
-                   LOCAL_IMAGE_COND: "local_image"}
-MODEL_KWARGS = {POSE_COND: "pose", REFERENCE_COND: "reference", IMAGE_COND: "clip_image",
+# ... and the keyword names the model receives them under: the UNet's own names (unet.CONDITIONS)
+MODEL_KWARGS = {POSE_COND: "pose", REFERENCE_COND: "reference_latent", IMAGE_COND: "image_embed",
                 LOCAL_IMAGE_COND: "local_image", PRESENT_COND: "present"}
 
 SCHEDULE = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000,
@@ -71,12 +69,13 @@ class ComfyUniAnimateUNet(UniAnimateUNet):
         self.dtype = dtype  # the weight dtype, which BaseModel reads
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                control=None, transformer_options: dict | None = None, pose=None, reference=None,
-                clip_image=None, local_image=None, present=None, **_) -> torch.Tensor:
+                control=None, transformer_options: dict | None = None, pose=None, reference_latent=None,
+                image_embed=None, local_image=None, present=None, **_) -> torch.Tensor:
         anchored = _has_causal_anchor(transformer_options or {})
         if anchored:  # drop core's anchor frame (see the module docstring) and give it back as zeros
             x = x[:, :, 1:]
-        given = {"pose": pose, "reference_latent": reference, "local_image": local_image, "image_embed": clip_image}
+        given = {"pose": pose, "reference_latent": reference_latent, "local_image": local_image,
+                 "image_embed": image_embed}
         masks = None if present is None else {
             name: present[:, CONDITIONS.index(name)] > 0.5 for name, value in given.items() if value is not None}
         out = super().forward(x, timesteps, zero_y=context, present=masks, **given)
@@ -86,10 +85,10 @@ class ComfyUniAnimateUNet(UniAnimateUNet):
 
 
 def conditioned_pair(conds: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The positive and negative CONDITIONING dicts for `conds` (keys of CONDITION_NAMES): the
+    """The positive and negative CONDITIONING dicts for `conds` (condition keys above): the
     positive flags its conditions present; the negative holds zeros of the same shapes flagged
     absent, the official unconditional branch in a form KSampler batches with the positive."""
-    names = {CONDITION_NAMES[key] for key in conds}
+    names = {MODEL_KWARGS[key] for key in conds}
     flags = torch.tensor([[float(name in names) for name in CONDITIONS]])
     negative = {key: torch.zeros_like(value) for key, value in conds.items()}
     return {**conds, PRESENT_COND: flags}, {**negative, PRESENT_COND: torch.zeros_like(flags)}
@@ -117,7 +116,7 @@ class UniAnimateModel(comfy.model_base.BaseModel):
 
     def resize_cond_for_context_window(self, cond_key, cond_value, window, x_in, device, retain_index_list=[]):
         """Per window: the reference pose + the window's poses; reference and image tokens whole."""
-        if cond_key in ("reference", "clip_image", "present", "c_crossattn"):  # per sample, not per frame
+        if cond_key in ("reference_latent", "image_embed", "present", "c_crossattn"):  # per sample, not per frame
             return cond_value._copy_with(cond_value.cond.to(device))
         if cond_key == "pose":
             frames = [0] + [i + 1 for i in _window_frames(window)]  # pose frame i+1 belongs to latent frame i
