@@ -51,7 +51,8 @@ class BackgroundBootstrap:
     def start(cls) -> "BackgroundBootstrap":
         folder = Path(tempfile.mkdtemp(prefix="ida-bootstrap-"))
         with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
-            process = subprocess.Popen(["nice", "-n", "19", *command()], env=dict(os.environ, IDA_CACHE=str(folder / "cache")), stdout=out,
+            process = subprocess.Popen(["nice", "-n", "19", *command()],
+                                       env=dict(os.environ, IDA_CACHE=str(folder / "cache")), stdout=out,
                                        stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
         return cls(folder, process)
 
