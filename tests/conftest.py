@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from support import bootstrap_run
 from support.harness import return_freed_memory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +72,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if suite := _suite(item):
             item.add_marker(getattr(pytest.mark, suite))
+        if suite != "unit":
+            _lane["heavy_lane_collected"] = True
     # Suites in SUITES order (fast ones first), browser last: Playwright's sync API keeps an event
     # loop running in this thread while a page is open, and the in-process ComfyUI cannot start its
     # own loop under it. Within a suite, the tests of the in-process ComfyUI come first, then those
@@ -96,6 +99,51 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=order)
 
 
+def _lane_of(nodeid: str) -> str:
+    """A unit module is a lane's unit of work; everything else is one, run in the order above."""
+    module = nodeid.split("::", 1)[0]
+    return module if module.startswith("unit/") else "heavy"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """scripts/test runs two pytest-xdist lanes (`-n 2`): one worker takes every test that needs
+    ComfyUI, a browser or the install tier's environments (the largest unit of work, so dealt
+    first), the other the unit modules, a module at a time (its fixtures built once), as does the
+    first once its own are done."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _lane_of(nodeid)
+
+    return Lanes(config, log)
+
+
+_lane = {"heavy_lane_collected": False, "yielded": False}
+
+
+def pytest_runtest_setup(item) -> None:
+    """In a lane, unit tests run on one torch thread (their subprocesses too): two lanes share the
+    2 cores. Beside the heavy lane they also run at the lowest CPU priority, on what it leaves
+    idle (its model reads, its servers' start-up, the browser): its torch runs on both cores, and
+    a core taken from one of its threads stalls all of them."""
+    if _suite(item) != "unit":
+        bootstrap_run.start_early_if_selected(item.session.items)
+    elif "PYTEST_XDIST_WORKER" in os.environ and not _lane["yielded"]:
+        import torch
+
+        if _lane["heavy_lane_collected"]:
+            os.nice(19)
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        _lane["yielded"] = True
+
+
+def pytest_sessionfinish(session) -> None:
+    bootstrap_run.stop_started()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     yield
@@ -110,7 +158,7 @@ def pytest_runtest_teardown(item, nextitem):
     if log := os.environ.get("IDA_MEMORY_LOG"):  # where memory goes, test by test (bench/peak_memory.py)
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
         with open(log, "a") as out:
-            out.write(f"{item.nodeid}\trss_mib={int(status['VmRSS'].split()[0]) // 1024}"
+            out.write(f"{item.nodeid}\t{os.environ.get('PYTEST_XDIST_WORKER', 'main')}\trss_mib={int(status['VmRSS'].split()[0]) // 1024}"
                       f"\tpeak_mib={int(status['VmHWM'].split()[0]) // 1024}\n")
 
 

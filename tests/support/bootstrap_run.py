@@ -1,8 +1,9 @@
 """scripts/bootstrap.py run as the README's commands run it, on a cache folder of the test's own.
 
 The first run on an empty cache takes minutes (it builds a whole environment, mostly pip writing
-files, on one core), so tests/install/conftest.py starts it in the background when the session
-starts and the install test only waits for it. It runs at the lowest CPU priority: it has until
+files, on one core), so tests/conftest.py starts it in the background with the first test of the
+lane that will run the install test (at the session's start, beside the unit lane), and the
+install test only waits for it. It runs at the lowest CPU priority: it has until
 the install tier to finish, while the tests beside it run torch on every core, and a core taken
 from one of torch's threads stalls all of them. (Started with the browser tier instead, its 6 GB
 of writes evicted the workflows' models from the page cache: unianimate_dance 27 s alone, 125 s
@@ -20,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 VALUES = ("python", "comfyui", "scrfd", "cache")
 TIMEOUT_S = 1800
+FIRST_RUN_TEST = "install/test_bootstrap.py::test_first_run_prints_only_the_paths_and_a_second_run_does_nothing"
 
 
 def boot_python() -> str:
@@ -67,3 +69,26 @@ class BackgroundBootstrap:
             os.killpg(self.process.pid, 15)
             self.process.wait(60)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_started: list[BackgroundBootstrap] = []  # started early, not yet taken by the first-run test
+_start_tried = False
+
+
+def start_early_if_selected(items) -> None:
+    """Start the first run now, once per process, if its test is among `items`."""
+    global _start_tried
+    if not _start_tried and any(FIRST_RUN_TEST in item.nodeid for item in items):
+        _started.append(BackgroundBootstrap.start())
+    _start_tried = True
+
+
+def take_started() -> BackgroundBootstrap:
+    """The run started early, or (the test run alone, e.g. by node id) one started now."""
+    return _started.pop() if _started else BackgroundBootstrap.start()
+
+
+def stop_started() -> None:
+    """The session ended before the test (-x, an interrupt): do not leave it running."""
+    while _started:
+        _started.pop().remove()
