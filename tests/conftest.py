@@ -68,6 +68,9 @@ def _suite(item) -> str:
     return parts[0] if parts and parts[0] in SUITES else ""
 
 
+_lane = {"heavy_lane_collected": False, "yielded": False}  # this process's
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if suite := _suite(item):
@@ -120,14 +123,12 @@ def pytest_xdist_make_scheduler(config, log):
     return Lanes(config, log)
 
 
-_lane = {"heavy_lane_collected": False, "yielded": False}
-
-
 def pytest_runtest_setup(item) -> None:
     """In a lane, unit tests run on one torch thread (their subprocesses too): two lanes share the
     2 cores. Beside the heavy lane they also run at the lowest CPU priority, on what it leaves
     idle (its model reads, its servers' start-up, the browser): its torch runs on both cores, and
-    a core taken from one of its threads stalls all of them."""
+    a core taken from one of its threads stalls all of them. The heavy lane's first test starts
+    the bootstrap's background first run, if its test was selected (support/bootstrap_run.py)."""
     if _suite(item) != "unit":
         bootstrap_run.start_early_if_selected(item.session.items)
     elif "PYTEST_XDIST_WORKER" in os.environ and not _lane["yielded"]:
@@ -158,7 +159,8 @@ def pytest_runtest_teardown(item, nextitem):
     if log := os.environ.get("IDA_MEMORY_LOG"):  # where memory goes, test by test (bench/peak_memory.py)
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
         with open(log, "a") as out:
-            out.write(f"{item.nodeid}\t{os.environ.get('PYTEST_XDIST_WORKER', 'main')}\trss_mib={int(status['VmRSS'].split()[0]) // 1024}"
+            out.write(f"{item.nodeid}\t{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+                      f"\trss_mib={int(status['VmRSS'].split()[0]) // 1024}"
                       f"\tpeak_mib={int(status['VmHWM'].split()[0]) // 1024}\n")
 
 
