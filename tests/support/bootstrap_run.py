@@ -5,10 +5,9 @@ files, on one core), so tests/conftest.py starts it in the background with the f
 lane that will run the install test (at the session's start, beside the unit lane; in one
 process, `-n 0`, after the unit tier), and the install test only waits for it. It runs at the
 lowest CPU priority: it has until the install tier to finish, while the tests beside it run torch
-on every core, and a core taken
-from one of torch's threads stalls all of them. (Started with the browser tier instead, its 6 GB
-of writes evicted the workflows' models from the page cache: unianimate_dance 27 s alone, 125 s
-beside it, and the whole command 35.7 minutes.)"""
+on every core, and a core taken from one of torch's threads stalls all of them. (Started with
+the browser tier instead, its 6 GB of writes evicted the workflows' models from the page cache:
+unianimate_dance 27 s alone, 125 s beside it, and the whole command 35.7 minutes.)"""
 from __future__ import annotations
 
 import os
