@@ -89,6 +89,12 @@ def import_facesim(eval_dir: Path):
         sys.modules["decord"] = types.SimpleNamespace(VideoReader=_VideoReader)
     sys.path.insert(0, str(eval_dir))
     saved = sys.modules.pop("utils", None)
+    # their utils/ has no __init__.py: a namespace package, which a regular `utils` anywhere on
+    # sys.path wins over (ComfyUI's, in the lane that ran the in-process ComfyUI), so it is put in
+    # place by hand
+    namespace = types.ModuleType("utils")
+    namespace.__path__ = [str(eval_dir / "utils")]
+    sys.modules["utils"] = namespace
     try:
         module = importlib.import_module("get_facesim")
         from utils.curricularface import get_model
