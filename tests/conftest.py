@@ -105,7 +105,7 @@ def pytest_collection_modifyitems(config, items):
 def _lane_of(nodeid: str) -> str:
     """A unit module is a lane's unit of work; everything else is one, run in the order above."""
     module = nodeid.split("::", 1)[0]
-    return module if module.startswith("unit/") else "heavy"
+    return module if module.split("/", 1)[0] == "unit" else "heavy"  # the suite, as _suite reads it
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -88,7 +88,7 @@ def import_facesim(eval_dir: Path):
     if "decord" not in sys.modules:
         sys.modules["decord"] = types.SimpleNamespace(VideoReader=_VideoReader)
     sys.path.insert(0, str(eval_dir))
-    saved = sys.modules.pop("utils", None)
+    saved = sys.modules.get("utils")
     # their utils/ has no __init__.py: a namespace package, which a regular `utils` anywhere on
     # sys.path wins over (ComfyUI's, in the lane that ran the in-process ComfyUI), so it is put in
     # place by hand
