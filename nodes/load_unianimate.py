@@ -8,7 +8,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..unianimate.checkpoint import load_unianimate_checkpoint
+from ..unianimate.checkpoint import config_of, load_unianimate_checkpoint
 from ..unianimate.config import OFFICIAL
 from . import folders
 from .unianimate_model import build_model
@@ -51,8 +51,13 @@ class LoadUniAnimate(io.ComfyNode):
     def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:
         started = time.perf_counter()
         path = folder_paths.get_full_path_or_raise(folders.UNIANIMATE_FOLDER, unet_name)
-        state = load_unianimate_checkpoint(path, OFFICIAL)  # safe read, every key and shape checked
-        patcher = build_model(state, OFFICIAL, WEIGHT_DTYPES[weight_dtype])
+        state = load_unianimate_checkpoint(path)  # safe read, every key and shape checked
+        config = config_of(state)
+        if config != OFFICIAL:
+            logging.warning("UniAnimate: %s is not the official size (base width %d, %d ResBlocks per level, "
+                            "%d heads after the input conv): built at its own size", unet_name, config.dim,
+                            config.num_res_blocks, config.num_heads)
+        patcher = build_model(state, config, WEIGHT_DTYPES[weight_dtype])
         logging.info("UniAnimate: loaded %s (%d tensors) in %.1f s", unet_name, len(state),
                      time.perf_counter() - started)
         return io.NodeOutput(patcher)

@@ -2,13 +2,15 @@
 strict check that names what is missing, unexpected or mis-shaped, and what the file probably is.
 
 The schema is derived from the config (the module built on the meta device), never listed by
-hand. The official file is a pickle saved with `torch.save`; the official loader takes the dict
+hand; a file's config is read from its shapes (`config_of`), so a file of another width in the
+official layout (a distilled model, a test stand-in) loads at its own size. The official file is a pickle saved with `torch.save`; the official loader takes the dict
 under a `state_dict` key when there is one, then loads strictly (so no `module.` prefix). Reading
 goes through `adapter.weights_file.read_state_dict` only (the pack's one safe reader: safetensors, or
 `torch.load(weights_only=True)` on the opened file; code-carrying pickles are refused unrun).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +34,25 @@ def expected_shapes(config: UniAnimateConfig = OFFICIAL) -> dict[str, tuple[int,
 
     unet = UniAnimateUNet(config, device="meta")
     return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+
+
+def config_of(tensors: Mapping[str, Any]) -> UniAnimateConfig:
+    """The sizes a file was built with, read from its shapes: the base width (the input conv), the
+    heads of the temporal transformer after it, and the ResBlocks per level (from the number of
+    encoder steps: the input step, `num_res_blocks` per level and a downsample between levels).
+    Every other size is the official one (`head_dim` too: it is not in the shapes). A file without
+    those keys, or with sizes no config has, gets OFFICIAL, so that the strict check names what is
+    wrong with it."""
+    conv, proj = tensors.get("input_blocks.0.0.weight"), tensors.get("input_blocks.0.1.proj_in.weight")
+    if not (isinstance(conv, torch.Tensor) and conv.ndim == 4 and isinstance(proj, torch.Tensor) and proj.ndim == 3):
+        return OFFICIAL
+    steps = len({k.split(".")[1] for k in tensors if isinstance(k, str) and k.startswith("input_blocks.")})
+    levels = len(OFFICIAL.dim_mult)
+    res_blocks, rest = divmod(steps - levels, levels)
+    dim, inner = conv.shape[0], proj.shape[0]
+    if rest or res_blocks < 1 or inner % OFFICIAL.head_dim or dim % OFFICIAL.group_norm_groups:
+        return OFFICIAL
+    return dataclasses.replace(OFFICIAL, dim=dim, num_heads=inner // OFFICIAL.head_dim, num_res_blocks=res_blocks)
 
 
 def unwrap(state: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
@@ -75,13 +96,14 @@ def _what_it_is(tensors: Mapping[str, Any], keys: set[str], expected: Mapping[st
 
 
 def check_state_dict(state: Mapping[str, Any], source: str = "<state dict>",
-                     config: UniAnimateConfig = OFFICIAL) -> dict[str, torch.Tensor]:
-    """The UNet's tensors from a loaded file, after a strict key/shape check; a CheckpointError
-    names the missing, unexpected and mis-shaped keys and what the file probably is."""
+                     config: UniAnimateConfig | None = None) -> dict[str, torch.Tensor]:
+    """The UNet's tensors from a loaded file, after a strict key/shape check against `config`
+    (default: the file's own, `config_of`); a CheckpointError names the missing, unexpected and
+    mis-shaped keys and what the file probably is."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source}: holds a {type(state).__name__}, not a dict of tensors. Expected {EXPECTED_FILE}.")
     tensors, where = unwrap(state)
-    expected = expected_shapes(config)
+    expected = expected_shapes(config or config_of(tensors))
     shapes = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     keys = {k for k in tensors if isinstance(k, str)}
     not_tensors = sorted(k for k in keys if k in expected and k not in shapes)
@@ -107,6 +129,7 @@ def check_state_dict(state: Mapping[str, Any], source: str = "<state dict>",
                           f"Found {len(keys)} keys at the {where}: {'; '.join(problems)}. Expected {EXPECTED_FILE}.")
 
 
-def load_unianimate_checkpoint(path: str | Path, config: UniAnimateConfig = OFFICIAL) -> dict[str, torch.Tensor]:
-    """The checked UNet tensors of a .pth/.safetensors file (CPU, dtype as stored)."""
+def load_unianimate_checkpoint(path: str | Path, config: UniAnimateConfig | None = None) -> dict[str, torch.Tensor]:
+    """The checked UNet tensors of a .pth/.safetensors file (CPU, dtype as stored); `config`
+    defaults to the file's own (`config_of`)."""
     return check_state_dict(read_state_dict(path), str(path), config)

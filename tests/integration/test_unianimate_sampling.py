@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from support.unianimate_diffusion import official_ddim
+from support.unianimate_files import REDUCED
 from support.unianimate_official import official_unet
 
 STEPS, RUN = 30, 3  # the official schedule, of which the first RUN steps are sampled
 GUIDE = 2.5
 FRAMES, SIZE = 4, 64  # pixels; latent 8×8
-REDUCED = dict(dim=64, num_res_blocks=1, num_heads=2)  # same structure, small widths
 REL_TOL = 1e-4
 # final − x_init is ~1/300 of x after 3 of 30 steps, and ComfyUI steps x in σ-space (277·x_VP):
 # float32 rounding of x alone is ~1e-5 of that difference per operation, so it gets a looser bound

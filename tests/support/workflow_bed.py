@@ -2,8 +2,8 @@
 
 `add_workflow_files` gives a ComfyUI base folder every model and input file the workflows name,
 as links to the generated full-size random models (motion modules and ControlNets included,
-generated under the workflows' own file names; the UniAnimate UNet and the DWPose files from
-their own generators) and public-domain photos, so that the workflows load without missing-file
+generated under the workflows' own file names; the UniAnimate UNet at reduced width and the DWPose
+files from their own generators) and public-domain photos, so that the workflows load without missing-file
 marks and run as shipped, only shrunk (`shrink`). The UniAnimate dance video is the astronaut
 photo sliding sideways: the random DWPose stand-ins find a person with shoulders and hips in it.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from support import photos
 from support.dwpose_models import dwpose_files
-from support.unianimate_files import ensure_unianimate_file
+from support.unianimate_files import REDUCED, ensure_unianimate_file
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -33,9 +33,11 @@ STAND_INS = {  # models folder -> (test-bed folder, file) of the generated model
     "insightface/models": ("insightface", "models/scrfd"),
     "vae": ("vae", "sd2_vae_random.safetensors"),
     "text_encoders": ("text_encoders", "sd2_clip_h_random.safetensors"),
-    # the one generated full-size file (fp16 safetensors in the official key layout; the loader
-    # reads files by content, not by name)
-    "unianimate": ("unianimate", "unianimate_random.safetensors"),
+    # the official key layout at reduced width (support.unianimate_files.REDUCED): what a workflow
+    # run proves (its wiring through the real packs, windows, segments) does not depend on the
+    # width, and the full-size file's loading and sampling are test_unianimate_loader's; the
+    # loader reads files by content, not by name
+    "unianimate": ("unianimate", "unianimate_reduced.safetensors"),
 }
 INPUT_STAND_INS = {"person_a.png": photos.ASTRONAUT, "person_b.png": photos.NEWTON, "keyframe.png": photos.NO_FACE,
                    "dancer.png": photos.ASTRONAUT}
@@ -57,9 +59,10 @@ DANCE_FRAMES = 40  # enough for every workflow's CI frame count
 
 
 def unianimate_stand_ins(cache: Path) -> dict[str, dict[str, Path]]:
-    """The UniAnimate UNet (support.unianimate_files) and the DWPose pair (support.dwpose_models),
-    keyed like `models.ensure_models`; kept out of it so that only the workflow beds link them."""
-    return {"unianimate": {"unianimate_random.safetensors": ensure_unianimate_file(cache)},
+    """The reduced UniAnimate UNet (support.unianimate_files) and the DWPose pair
+    (support.dwpose_models), keyed like `models.ensure_models`; kept out of it so that only the
+    workflow beds link them."""
+    return {"unianimate": {"unianimate_reduced.safetensors": ensure_unianimate_file(cache, sizes=REDUCED)},
             "dwpose": dwpose_files(cache)}
 
 

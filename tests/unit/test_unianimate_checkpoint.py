@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from id_animator.unianimate.checkpoint import check_state_dict, expected_shapes, load_unianimate_checkpoint
-from id_animator.unianimate.config import UniAnimateConfig
+from id_animator.unianimate.checkpoint import check_state_dict, config_of, expected_shapes, load_unianimate_checkpoint
+from id_animator.unianimate.config import OFFICIAL, UniAnimateConfig
 from id_animator.unianimate.errors import CheckpointError
 from id_animator.unianimate.unet import UniAnimateUNet
 
@@ -33,6 +33,20 @@ def test_schema_is_the_official_size_and_follows_the_config():
     assert full["pre_image_condition.2.weight"] == (4096, 1024)  # 4 image tokens
     small = expected_shapes(SMALL)
     assert set(small) == set(full) and small["input_blocks.0.0.weight"] == (32, 12, 3, 3)
+
+
+@pytest.mark.parametrize("sizes", [{}, {"dim": 64, "num_res_blocks": 1, "num_heads": 2},
+                                   {"dim": 96, "num_res_blocks": 3, "num_heads": 1}])
+def test_a_file_gives_its_own_sizes(sizes):
+    config = UniAnimateConfig(**sizes)
+    tensors = {k: torch.empty(s, device="meta") for k, s in expected_shapes(config).items()}
+    assert config_of(tensors) == config
+    for container in (tensors, {"state_dict": tensors}):  # checked at the file's own size
+        assert check_state_dict(container).keys() == tensors.keys()
+    tensors.pop("input_blocks.0.1.proj_in.weight")
+    assert config_of(tensors) == OFFICIAL  # no sizes to read: the strict check names what is wrong
+    with pytest.raises(CheckpointError, match="missing"):
+        check_state_dict(tensors)
 
 
 @pytest.mark.parametrize("container", ["pth_wrapped", "pth_bare", "safetensors"])
