@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from support.photos import astronaut_image
-from support.unianimate_official import _load, official_checkout, visible_while_importing
+from support.checkout_import import load_file, visible_while_importing
+from support.unianimate_official import official_checkout
 
 
 class AsFloat32(torch.nn.Module):
@@ -80,8 +81,8 @@ def official_vit_transforms(cache) -> object:
     easydict.EasyDict = type("EasyDict", (dict,), {"__getattr__": dict.__getitem__, "__setattr__": dict.__setitem__})
     with visible_while_importing(("unianimate_official_transforms", "unianimate_official_config"),
                                  {"easydict": easydict}):
-        transforms = _load("unianimate_official_transforms", root / "utils" / "transforms.py")
-        config = _load("unianimate_official_config", root / "tools" / "modules" / "config.py").cfg
+        transforms = load_file("unianimate_official_transforms", root / "utils" / "transforms.py")
+        config = load_file("unianimate_official_config", root / "tools" / "modules" / "config.py").cfg
     return T.Compose([transforms.Resize([224, 224]), T.ToTensor(), T.Normalize(mean=config.vit_mean, std=config.vit_std)])
 
 

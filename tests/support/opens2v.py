@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from support.checkout_import import namespace_package, visible_while_importing
+
 REPO, BRANCH, COMMIT = "PKU-YuanGroup/OpenS2V-Nexus", "main", "b4528314bd73b05d1cf2a9c7f8d8ecef34e6294c"
 FILES = ["eval/get_facesim.py", "eval/utils/curricularface"]
 
@@ -84,24 +86,16 @@ class _VideoReader:
 
 
 def import_facesim(eval_dir: Path):
-    """Their get_facesim module and their get_model, imported from the checkout."""
-    if "decord" not in sys.modules:
-        sys.modules["decord"] = types.SimpleNamespace(VideoReader=_VideoReader)
+    """Their get_facesim module and their get_model, imported from the checkout (their `utils`, with
+    no `__init__.py`, put in place by hand: a regular `utils` on sys.path, ComfyUI's in the lane that
+    ran the in-process ComfyUI, would win over it)."""
     sys.path.insert(0, str(eval_dir))
-    saved = sys.modules.get("utils")
-    # their utils/ has no __init__.py: a namespace package, which a regular `utils` anywhere on
-    # sys.path wins over (ComfyUI's, in the lane that ran the in-process ComfyUI), so it is put in
-    # place by hand
-    namespace = types.ModuleType("utils")
-    namespace.__path__ = [str(eval_dir / "utils")]
-    sys.modules["utils"] = namespace
     try:
-        module = importlib.import_module("get_facesim")
-        from utils.curricularface import get_model
+        decord = types.SimpleNamespace(VideoReader=_VideoReader)
+        with visible_while_importing(("utils", "get_facesim"), {"decord": decord}):
+            namespace_package("utils", eval_dir / "utils")
+            module = importlib.import_module("get_facesim")
+            from utils.curricularface import get_model
     finally:
         sys.path.remove(str(eval_dir))
-        for key in [k for k in sys.modules if k == "utils" or k.startswith("utils.")]:
-            sys.modules.pop(key)
-        if saved is not None:
-            sys.modules["utils"] = saved
     return module, get_model

@@ -10,8 +10,8 @@ import types
 from pathlib import Path
 from typing import Any
 
-from support.unianimate_official import (UTILS_NAMES, _load, load_checkout_utils, official_checkout,
-                                         visible_while_importing)
+from support.checkout_import import load_file, namespace_package, visible_while_importing
+from support.unianimate_official import UTILS, load_checkout_utils, official_checkout
 
 PACKAGE = "unianimate_official_diffusions"
 # configs/UniAnimate_infer.yaml `Diffusion` (the long config has the same values)
@@ -25,14 +25,12 @@ def official_diffusion_module(cache: Path) -> types.ModuleType:
     if f"{PACKAGE}.diffusion_ddim" in sys.modules:
         return sys.modules[f"{PACKAGE}.diffusion_ddim"]
     root = official_checkout(cache)
-    package = types.ModuleType(PACKAGE)
-    package.__path__ = [str(root / "tools" / "modules" / "diffusions")]
-    sys.modules[PACKAGE] = package
-    with visible_while_importing(UTILS_NAMES):
+    namespace_package(PACKAGE, root / "tools" / "modules" / "diffusions")
+    with visible_while_importing(UTILS):
         load_checkout_utils(root)
         for name in ("schedules", "losses"):
-            _load(f"{PACKAGE}.{name}", root / "tools" / "modules" / "diffusions" / f"{name}.py")
-        return _load(f"{PACKAGE}.diffusion_ddim", root / "tools" / "modules" / "diffusions" / "diffusion_ddim.py")
+            load_file(f"{PACKAGE}.{name}", root / "tools" / "modules" / "diffusions" / f"{name}.py")
+        return load_file(f"{PACKAGE}.diffusion_ddim", root / "tools" / "modules" / "diffusions" / "diffusion_ddim.py")
 
 
 def official_ddim(cache: Path, long_video: bool = False):

@@ -18,8 +18,6 @@ The official `utils.registry_class` is loaded from the checkout itself.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import io
 import os
 import shutil
@@ -27,7 +25,6 @@ import subprocess
 import sys
 import tarfile
 import types
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
 import third_party  # noqa: E402
+
+from support.checkout_import import load_file, namespace_package, visible_while_importing  # noqa: E402
 
 OFFICIAL_REPO = "ali-vilab/UniAnimate"
 OFFICIAL_COMMIT = "643c9637715888cea38818892bf1ef313a3dcfa9"  # head; last code change d7814fa (2024-07-23)
@@ -148,43 +147,15 @@ def _stub_modules() -> dict[str, types.ModuleType]:
             "rotary_embedding_torch": rotary}
 
 
-def _load(name: str, path: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-UTILS_NAMES = ("utils", "utils.registry", "utils.registry_class")
-
-
-@contextlib.contextmanager
-def visible_while_importing(names: Iterable[str], stubs: dict[str, types.ModuleType] | None = None) -> Iterator[None]:
-    """`names` (and the `stubs`, put in place) are in sys.modules only inside the block, then back as
-    they were: the official files import absolute names (`utils`, `dwpose`) and stubbed packages,
-    which must never shadow a real package later (ComfyUI has its own `utils`)."""
-    stubs = stubs or {}
-    saved = {n: sys.modules.get(n) for n in (*names, *stubs)}
-    try:
-        sys.modules.update(stubs)
-        yield
-    finally:
-        for n, module in saved.items():
-            if module is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = module
+UTILS = ("utils",)  # the checkout's `utils` package and its modules, visible only while importing
 
 
 def load_checkout_utils(root: Path) -> None:
     """The checkout's own `utils.registry_class` (the official modules register through it); call
-    inside `visible_while_importing(UTILS_NAMES)`."""
-    utils = types.ModuleType("utils")
-    utils.__path__ = [str(root / "utils")]
-    sys.modules["utils"] = utils
-    _load("utils.registry", root / "utils" / "registry.py")
-    _load("utils.registry_class", root / "utils" / "registry_class.py")
+    inside `visible_while_importing(UTILS)`."""
+    namespace_package("utils", root / "utils")
+    load_file("utils.registry", root / "utils" / "registry.py")
+    load_file("utils.registry_class", root / "utils" / "registry_class.py")
 
 
 def official_unet_module(cache: Path) -> types.ModuleType:
@@ -192,13 +163,11 @@ def official_unet_module(cache: Path) -> types.ModuleType:
     if f"{PACKAGE}.unet_unianimate" in sys.modules:
         return sys.modules[f"{PACKAGE}.unet_unianimate"]
     root = official_checkout(cache)
-    package = types.ModuleType(PACKAGE)
-    package.__path__ = [str(root / "tools" / "modules" / "unet")]
-    sys.modules[PACKAGE] = package
-    with visible_while_importing(UTILS_NAMES, _stub_modules()):
+    namespace_package(PACKAGE, root / "tools" / "modules" / "unet")
+    with visible_while_importing(UTILS, _stub_modules()):
         load_checkout_utils(root)
-        _load(f"{PACKAGE}.util", root / UNET_FILES[0])
-        return _load(f"{PACKAGE}.unet_unianimate", root / UNET_FILES[1])
+        load_file(f"{PACKAGE}.util", root / UNET_FILES[0])
+        return load_file(f"{PACKAGE}.unet_unianimate", root / UNET_FILES[1])
 
 
 def official_unet(cache: Path, resolution: tuple[int, int], zero_y: torch.Tensor | None = None,

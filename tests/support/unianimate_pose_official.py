@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import colorsys
 import os
-import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,10 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from support.unianimate_official import _load, official_checkout, visible_while_importing
+from support.checkout_import import load_file, namespace_package, visible_while_importing
+from support.unianimate_official import official_checkout
 
-NAMES = ("dwpose", "dwpose.onnxdet", "dwpose.onnxpose", "dwpose.util", "dwpose.wholebody", "oss2", "matplotlib",
-         "matplotlib.colors")
+NAMES = ("dwpose",)  # the official absolute package, visible only while importing (the stubs too)
 _MODULES: dict[str, types.ModuleType] = {}
 
 
@@ -48,13 +47,11 @@ def official_pose(cache: Path) -> dict[str, types.ModuleType]:
         return _MODULES
     root = official_checkout(cache)
     with visible_while_importing(NAMES, _stubs()):
-        package = types.ModuleType("dwpose")
-        package.__path__ = [str(root / "dwpose")]
-        sys.modules["dwpose"] = package
+        package = namespace_package("dwpose", root / "dwpose")
         for name in ("onnxdet", "onnxpose", "util", "wholebody"):
-            _MODULES[name] = _load(f"dwpose.{name}", root / "dwpose" / f"{name}.py")
+            _MODULES[name] = load_file(f"dwpose.{name}", root / "dwpose" / f"{name}.py")
             setattr(package, name, _MODULES[name])
-        _MODULES["run_align_pose"] = _load("unianimate_official_run_align_pose", root / "run_align_pose.py")
+        _MODULES["run_align_pose"] = load_file("unianimate_official_run_align_pose", root / "run_align_pose.py")
     return _MODULES
 
 
