@@ -1,7 +1,9 @@
 """LoadUniAnimate in real ComfyUI: a full-size random file in the official layout (1544 tensors,
 ≈1.42 B parameters, every one consumed) becomes a MODEL that ComfyUI's sampler samples at tiny
-size with context windows; wrong files and bad conditioning inputs end in messages that say what
-to do, and the executor keeps working (RELIABILITY.md)."""
+size with context windows, and a file of the same layout at reduced width loads at its own size;
+wrong files and bad conditioning inputs end in messages that say what to do, and the executor
+keeps working (RELIABILITY.md). Only the first test holds the full-size model (about 3 GB); the
+checks whose outcome does not depend on the width use the reduced file."""
 from __future__ import annotations
 
 import importlib
@@ -13,9 +15,9 @@ import pytest
 import torch
 
 from support.graphs import CLIP_VISION
-from support.unianimate_files import ensure_unianimate_file
+from support.unianimate_files import REDUCED, ensure_unianimate_file
 
-GOOD = "unianimate_random.safetensors"
+GOOD, SMALL = "unianimate_random.safetensors", "unianimate_reduced.safetensors"
 PARAMETERS = 1_416_564_300  # official §1.3 / pitfall 17
 FRAMES, SIZE = 4, 64
 
@@ -32,14 +34,16 @@ class RunsCode:
 
 @pytest.fixture(scope="module")
 def files(comfy, comfy_base, cache_dir):
-    """models/unianimate/: the good file, an SD1.5 UNet, a truncated download and a code pickle."""
+    """models/unianimate/: the good file, the reduced one, an SD1.5 UNet, a truncated download and
+    a code pickle."""
     folder = comfy_base / "models" / "unianimate"
     folder.mkdir(exist_ok=True)
     good = ensure_unianimate_file(cache_dir)
-    names = {"good": GOOD, "sd2": "uni_sd2_unet.safetensors", "truncated": "uni_truncated.safetensors",
-             "pickle": "uni_code.pth"}
+    names = {"good": GOOD, "small": SMALL, "sd2": "uni_sd2_unet.safetensors",
+             "truncated": "uni_truncated.safetensors", "pickle": "uni_code.pth"}
     if not (folder / GOOD).exists():
         (folder / GOOD).symlink_to(good)
+        (folder / SMALL).symlink_to(ensure_unianimate_file(cache_dir, sizes=REDUCED))
         (folder / names["sd2"]).symlink_to((comfy_base / "models" / "diffusion_models" / "sd2_random_unet.safetensors").resolve())
         with good.open("rb") as f:
             (folder / names["truncated"]).write_bytes(f.read(50_000_000))
@@ -56,16 +60,18 @@ def pack_module(comfy, name: str):
 
 @pytest.fixture(scope="module")
 def loaded(comfy, files):
-    return comfy.nodes.NODE_CLASS_MAPPINGS["LoadUniAnimate"].execute(files["good"], "fp16").args[0]
+    """The reduced file as LoadUniAnimate loads it."""
+    return comfy.nodes.NODE_CLASS_MAPPINGS["LoadUniAnimate"].execute(files["small"], "fp16").args[0]
 
 
-def test_full_size_file_loads_and_samples_with_windows(comfy, loaded, cache_dir):
+def test_full_size_file_loads_and_samples_with_windows(comfy, files, cache_dir):
     from comfy import sample as comfy_sample
     from safetensors import safe_open
 
     nodes = comfy.nodes.NODE_CLASS_MAPPINGS
-    patcher = loaded
+    patcher = nodes["LoadUniAnimate"].execute(files["good"], "fp16").args[0]  # released when the test ends
     unet = patcher.model.diffusion_model
+    assert unet.config == pack_module(comfy, "unianimate.config").OFFICIAL
     state = unet.state_dict()
     assert len(state) == 1544 and sum(t.numel() for t in state.values()) == PARAMETERS
     with safe_open(str(ensure_unianimate_file(cache_dir)), "pt") as f:
@@ -107,6 +113,16 @@ def test_full_size_file_loads_and_samples_with_windows(comfy, loaded, cache_dir)
     assert sorted({tuple(w) for w, _, _ in windows}) == [(0, 1), (1, 2), (2, 3)]
     assert len(windows) == 12 and all(f == 2 for _, f, _ in windows)
     assert sorted(p for _, _, p in windows if p is not None) == [3] * 6
+
+
+def test_a_reduced_file_loads_at_its_own_size(comfy, loaded, files, comfy_base):
+    from safetensors import safe_open
+
+    config = pack_module(comfy, "unianimate.config").UniAnimateConfig(**REDUCED)
+    unet = loaded.model.diffusion_model
+    assert unet.config == config and config != pack_module(comfy, "unianimate.config").OFFICIAL
+    with safe_open(str(comfy_base / "models" / "unianimate" / files["small"]), "pt") as f:
+        assert set(f.keys()) == set(unet.state_dict()) and len(unet.state_dict()) < 1544
 
 
 @pytest.mark.parametrize("frames, size", [(FRAMES - 1, SIZE), (FRAMES, SIZE * 2)])
@@ -204,6 +220,7 @@ def test_bad_conditioning_inputs_are_explained(comfy, files, pose_size, ref_pose
 
 
 def test_executor_survives_the_failures(comfy, files):
-    """After every failure above, the same executor still runs a good load."""
-    result = comfy.run(loader_graph(files["good"]))
+    """After every failure above, the same executor still runs a good load (of the reduced file:
+    the full-size one is the first test's)."""
+    result = comfy.run(loader_graph(files["small"]))
     assert result.success, result.error_message

@@ -326,13 +326,13 @@ def _used_marker(path: Path) -> Path:
     return path.with_name(f".{path.name}.used")
 
 
-def _prune(cache: Path, recipe: Recipe, keep: Path) -> None:
-    """Delete this generator's files made for other sources that nobody has used for a month
+def prune_unused(cache: Path, name: str, keep: Path) -> None:
+    """Delete the generated files `name.*` made for other sources that nobody has used for a month
     (each `ensure_models` touches a marker beside the files it returns, never the file itself: the
     pack keys loaded models by file version, mtime included, so touching a model under a running
     ComfyUI would make its next loader load a second copy), so the cache does not grow forever."""
     _used_marker(keep).touch()
-    for old in (cache / "generated").glob(f"{recipe.name}.*"):
+    for old in (cache / "generated").glob(f"{name}.*"):
         marker = _used_marker(old)
         last_use = (marker if marker.exists() else old).stat().st_mtime
         if old != keep and time.time() - last_use > UNUSED_AFTER_S:
@@ -370,7 +370,7 @@ def ensure_models(cache: Path, comfyui: Path, scrfd_root: Path) -> dict[str, dic
         path = generated_path(cache, recipe, comfyui)
         if not path.exists():  # the subprocess computes the same key: a miss is a bug, not a rerun
             raise RuntimeError(f"support.models did not generate {path}")
-        _prune(cache, recipe, keep=path)
+        prune_unused(cache, recipe.name, keep=path)
         files.setdefault(folder, {})[name] = path
     files["insightface"] = {"models/scrfd": scrfd_pack(cache, scrfd_root)}
     return files

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from support.models import cached_file, random_like_shapes
+from support.models import cached_file, prune_unused, random_like_shapes
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 51
@@ -79,5 +79,6 @@ def ensure_unianimate_file(cache: Path, fmt: str = "safetensors", sizes: dict[st
     if fmt not in writers:
         raise ValueError(f"fmt must be one of {sorted(writers)}, not {fmt!r}")
     stem = "unianimate_random" if sizes == OFFICIAL else "unianimate_reduced"
-    path = cache / "generated" / f"{stem}.{_key(sizes)}.{fmt}"
-    return cached_file(path, lambda target: writers[fmt](target, sizes))
+    path = cached_file(cache / "generated" / f"{stem}.{_key(sizes)}.{fmt}", lambda target: writers[fmt](target, sizes))
+    prune_unused(cache, stem, keep=path)
+    return path
