@@ -123,6 +123,15 @@ def pytest_xdist_make_scheduler(config, log):
     return Lanes(config, log)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """A lane that has finished gives its memory back at once: xdist keeps a finished worker's
+    process (its imports and heap, about 1 GiB) until the whole session ends, beside the heavy
+    lane's servers. Its results are all in (this runs on its `workerfinished`)."""
+    if error is None:
+        node.ensure_teardown()
+
+
 def pytest_runtest_setup(item) -> None:
     """In a lane, unit tests run on one torch thread (their subprocesses too): two lanes share the
     2 cores. Beside the heavy lane they also run at the lowest CPU priority, on what it leaves
