@@ -3,8 +3,9 @@ strict check that names what is missing, unexpected or mis-shaped, and what the 
 
 The schema is derived from the config (the module built on the meta device), never listed by
 hand; a file's config is read from its shapes (`config_of`), so a file of another width in the
-official layout (a distilled model, a test stand-in) loads at its own size. The official file is a pickle saved with `torch.save`; the official loader takes the dict
-under a `state_dict` key when there is one, then loads strictly (so no `module.` prefix). Reading
+official layout (a distilled model, a test stand-in) loads at its own size. The official file is
+a pickle saved with `torch.save`; the official loader takes the dict under a `state_dict` key
+when there is one, then loads strictly (so no `module.` prefix). Reading
 goes through `adapter.weights_file.read_state_dict` only (the pack's one safe reader: safetensors, or
 `torch.load(weights_only=True)` on the opened file; code-carrying pickles are refused unrun).
 """
@@ -50,7 +51,8 @@ def config_of(tensors: Mapping[str, Any]) -> UniAnimateConfig:
     levels = len(OFFICIAL.dim_mult)
     res_blocks, rest = divmod(steps - levels, levels)
     dim, inner = conv.shape[0], proj.shape[0]
-    if rest or res_blocks < 1 or inner % OFFICIAL.head_dim or dim % OFFICIAL.group_norm_groups:
+    if (rest or res_blocks < 1 or not dim or not inner or inner % OFFICIAL.head_dim
+            or dim % OFFICIAL.group_norm_groups):
         return OFFICIAL
     return dataclasses.replace(OFFICIAL, dim=dim, num_heads=inner // OFFICIAL.head_dim, num_res_blocks=res_blocks)
 
