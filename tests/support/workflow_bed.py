@@ -2,9 +2,9 @@
 
 `add_workflow_files` gives a ComfyUI base folder every model and input file the workflows name,
 as links to the generated full-size random models (motion modules and ControlNets included,
-generated under the workflows' own file names; the UniAnimate UNet at reduced width and the DWPose
-files from their own generators) and public-domain photos, so that the workflows load without missing-file
-marks and run as shipped, only shrunk (`shrink`). The UniAnimate dance video is the astronaut
+generated under the workflows' own file names; the UniAnimate UNet at reduced width and the
+DWPose files from their own generators) and public-domain photos, so that the workflows load
+without missing-file marks and run as shipped, only shrunk (`shrink`). The UniAnimate dance video is the astronaut
 photo sliding sideways: the random DWPose stand-ins find a person with shoulders and hips in it.
 """
 from __future__ import annotations
