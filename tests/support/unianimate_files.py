@@ -26,7 +26,7 @@ from support.models import cached_file, prune_unused, random_like_shapes
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 51
-OFFICIAL: dict[str, int] = {}  # UniAnimateConfig overrides: none
+FULL_SIZE: dict[str, int] = {}  # UniAnimateConfig overrides: none (the official sizes)
 REDUCED = {"dim": 64, "num_res_blocks": 1, "num_heads": 2}  # the official structure at small widths
 
 
@@ -37,7 +37,7 @@ def _shapes(sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
     return expected_shapes(UniAnimateConfig(**sizes))
 
 
-def random_unianimate_state(sizes: dict[str, int] = OFFICIAL, dtype: torch.dtype = torch.float16,
+def random_unianimate_state(sizes: dict[str, int] = FULL_SIZE, dtype: torch.dtype = torch.float16,
                             seed: int = SEED) -> dict[str, torch.Tensor]:
     return random_like_shapes({k: torch.Size(s) for k, s in _shapes(sizes).items()}, seed=seed, dtype=dtype)
 
@@ -73,12 +73,12 @@ def _write_pth(path: Path, sizes: dict[str, int]) -> None:
         torch.save({"state_dict": random_unianimate_state(sizes)}, f)
 
 
-def ensure_unianimate_file(cache: Path, fmt: str = "safetensors", sizes: dict[str, int] = OFFICIAL) -> Path:
+def ensure_unianimate_file(cache: Path, fmt: str = "safetensors", sizes: dict[str, int] = FULL_SIZE) -> Path:
     """The generated file (made under a lock the first time; full size: about a minute and 2.8 GB)."""
     writers = {"safetensors": _write_safetensors, "pth": _write_pth}
     if fmt not in writers:
         raise ValueError(f"fmt must be one of {sorted(writers)}, not {fmt!r}")
-    stem = "unianimate_random" if sizes == OFFICIAL else "unianimate_reduced"
+    stem = "unianimate_random" if sizes == FULL_SIZE else "unianimate_reduced"
     path = cached_file(cache / "generated" / f"{stem}.{_key(sizes)}.{fmt}", lambda target: writers[fmt](target, sizes))
     prune_unused(cache, stem, keep=path)
     return path
