@@ -4,8 +4,8 @@ Three tiny synthetic videos (a real photo moving a little per frame; one with th
 photo in every other frame) -> `pool` with the real SCRFD detector -> `captions` from attribute
 and action sidecar files -> `latents` with the test bed's full-size random SD1.5 checkpoint's VAE
 -> `train` with that checkpoint's UNet, the random AnimateDiff v2 motion module and CLIP ViT-H/14
-(the files the nodes load), with gradient checkpointing, gradient accumulation and
-TensorBoard -> the exported `animator.ckpt` and `animator.safetensors`
+(the files the nodes load), in bf16 with gradient checkpointing, gradient accumulation and
+TensorBoard: the paths a GPU run takes -> the exported `animator.ckpt` and `animator.safetensors`
 each loaded by the real LoadIDAnimator, used by FaceEncode and ApplyFaceAdapter to sample.
 """
 from __future__ import annotations
@@ -67,10 +67,7 @@ def chain(import_root: Path, model_files, scrfd_dir: Path, comfyui_dir: Path, tm
         "--latents", latents, "--pool", pool, "--captions", captions, "--out", run,
         "--init", model_files["id_animator"]["animator.ckpt"],
         "--batch-size", 1, "--gradient-accumulation-steps", 2, "--max-steps", 2, "--log-every", 1,
-        # fp32: bf16 does not depend on the width, and on a CPU without bf16 instructions (AVX2 only)
-        # its matmuls run ~100x slower (setup 342 s against 137 s); the tiny bf16 run with these same
-        # flags is tests/unit/test_train_validation.py's mixed-precision test
-        "--mixed-precision", "no", "--gradient-checkpointing", "--report-to", "tensorboard",
+        "--mixed-precision", "bf16", "--gradient-checkpointing", "--report-to", "tensorboard",
         "--dataloader-workers", 0, "--lr", 1e-3)
     return {"pool": pool, "captions": captions, "run": run, "videos": videos}
 
