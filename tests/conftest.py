@@ -77,6 +77,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, suite))
         if suite != "unit":
             _lane["heavy_lane_collected"] = True
+        if _lane_of(item.nodeid) != "heavy" and (needs := set(NEEDS_THE_HEAVY_LANE) & set(item.fixturenames)):
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(needs)}: take its module out of BESIDE_THE_UNIT_TIER")
     # Suites in SUITES order (fast ones first), browser last: Playwright's sync API keeps an event
     # loop running in this thread while a page is open, and the in-process ComfyUI cannot start its
     # own loop under it. Within a suite, the tests of the in-process ComfyUI come first, then those
@@ -102,10 +104,25 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=order)
 
 
+# Modules outside the unit tier that need neither ComfyUI in this process, nor a server, nor the
+# browser, nor the first run started early (support/bootstrap_run.py): each is a unit of work of
+# its own, like a unit module, and so runs in whichever lane is free, mostly the unit one, which
+# finishes minutes before the heavy lane (they are checked at collection, below).
+BESIDE_THE_UNIT_TIER = (
+    "integration/test_latents_command.py",
+    "integration/test_train_score_clip.py",
+    "integration/test_run_command.py",
+    "install/test_third_party.py",
+    "install/test_onnxruntime_gpu.py",
+)
+NEEDS_THE_HEAVY_LANE = ("comfy", "http_comfy", "identity_bed", "page")
+
+
 def _lane_of(nodeid: str) -> str:
     """A unit module is a lane's unit of work; everything else is one, run in the order above."""
     module = nodeid.split("::", 1)[0]
-    return module if module.split("/", 1)[0] == "unit" else "heavy"  # the suite, as _suite reads it
+    own = module.split("/", 1)[0] == "unit" or module in BESIDE_THE_UNIT_TIER  # the suite, as _suite reads it
+    return module if own else "heavy"
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -133,12 +150,12 @@ def pytest_testnodedown(node, error) -> None:
 
 
 def pytest_runtest_setup(item) -> None:
-    """In a lane, unit tests run on one torch thread (their subprocesses too): two lanes share the
-    2 cores. Beside the heavy lane they also run at the lowest CPU priority, on what it leaves
+    """In a lane, the tests outside the heavy lane (unit modules, BESIDE_THE_UNIT_TIER) run on one
+    torch thread (their subprocesses too): two lanes share the 2 cores. Beside the heavy lane they also run at the lowest CPU priority, on what it leaves
     idle (its model reads, its servers' start-up, the browser): its torch runs on both cores, and
     a core taken from one of its threads stalls all of them. The heavy lane's first test starts
     the bootstrap's background first run, if its test was selected (support/bootstrap_run.py)."""
-    if _suite(item) != "unit":
+    if _lane_of(item.nodeid) == "heavy":
         bootstrap_run.start_early_if_selected(item.session.items)
     elif "PYTEST_XDIST_WORKER" in os.environ and not _lane["yielded"]:
         import torch
