@@ -212,10 +212,16 @@ def test_error_wrong_adapter_file(comfy, comfy_base):
     assert "IP-Adapter" in message and "animator.ckpt" in message
 
 
-def test_extra_model_paths_yaml_remaps_the_adapter_folder(comfy, comfy_base, model_files, tmp_path):
+def test_extra_model_paths_yaml_remaps_the_adapter_folder(comfy, comfy_base, model_files, tmp_path,
+                                                          monkeypatch):
     """Users keep models elsewhere: ComfyUI's own extra_model_paths loader adds our folder key."""
     import utils.extra_config
 
+    # The folder goes when tmp_path does, and ComfyUI's file-list cache stats every folder it
+    # lists, so the later tests of this process must not see it: undo the registration after.
+    paths, extensions = comfy.folder_paths.folder_names_and_paths["id_animator"]
+    monkeypatch.setitem(comfy.folder_paths.folder_names_and_paths, "id_animator", (list(paths), extensions))
+    monkeypatch.setattr(comfy.folder_paths, "filename_list_cache", {})
     elsewhere = tmp_path / "shared_models" / "faces"
     elsewhere.mkdir(parents=True)
     (elsewhere / "animator_remapped.ckpt").symlink_to(model_files["id_animator"]["animator.ckpt"])
