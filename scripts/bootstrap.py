@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,10 +176,14 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".bootstrap.lock", "a") as lock:  # "a": a second run changes nothing
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test runs wait for one build
-        comfyui = fetch_sdist(*COMFY_SDIST)
-        venv = ensure_venv(comfyui)
-        scrfd = ensure_scrfd()
-        chromium = ensure_chromium() if "chromium" in args.print else None
+        comfyui = fetch_sdist(*COMFY_SDIST)  # its requirements key the venv
+        # The detector's sdist (pip builds its metadata in an environment of its own: 30 s) and
+        # Debian's chromium need nothing from the venv: they are fetched while pip fills it.
+        with ThreadPoolExecutor(max_workers=2) as beside:
+            scrfd = beside.submit(ensure_scrfd)
+            chromium = beside.submit(ensure_chromium) if "chromium" in args.print else None
+            venv = ensure_venv(comfyui)
+        scrfd, chromium = scrfd.result(), chromium.result() if chromium else None
     values = {"python": venv / "bin" / "python", "comfyui": comfyui, "scrfd": scrfd, "cache": CACHE,
               "chromium": chromium or ""}
     for name in args.print:
