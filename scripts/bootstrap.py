@@ -180,10 +180,11 @@ def main() -> None:
         # The detector's sdist (pip builds its metadata in an environment of its own: 30 s) and
         # Debian's chromium need nothing from the venv: they are fetched while pip fills it.
         with ThreadPoolExecutor(max_workers=2) as beside:
-            scrfd = beside.submit(ensure_scrfd)
-            chromium = beside.submit(ensure_chromium) if "chromium" in args.print else None
+            scrfd_job = beside.submit(ensure_scrfd)
+            chromium_job = beside.submit(ensure_chromium) if "chromium" in args.print else None
             venv = ensure_venv(comfyui)
-        scrfd, chromium = scrfd.result(), chromium.result() if chromium else None
+        scrfd = scrfd_job.result()
+        chromium = chromium_job.result() if chromium_job else None
     values = {"python": venv / "bin" / "python", "comfyui": comfyui, "scrfd": scrfd, "cache": CACHE,
               "chromium": chromium or ""}
     for name in args.print:

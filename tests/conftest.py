@@ -75,10 +75,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if suite := _suite(item):
             item.add_marker(getattr(pytest.mark, suite))
-        if suite != "unit":
-            _lane["heavy_lane_collected"] = True
+        heavy = _lane_of(item.nodeid) == "heavy"
+        _lane["heavy_lane_collected"] |= heavy
         needs = set(NEEDS_THE_HEAVY_LANE) & set(item.fixturenames)
-        if needs and _lane_of(item.nodeid) != "heavy":
+        if needs and not heavy:
             raise pytest.UsageError(
                 f"{item.nodeid} uses {sorted(needs)}: take its module out of BESIDE_THE_UNIT_TIER")
     # Suites in SUITES order (fast ones first), browser last: Playwright's sync API keeps an event

@@ -228,7 +228,6 @@ def test_extra_model_paths_yaml_remaps_the_adapter_folder(comfy, comfy_base, mod
     config = tmp_path / "extra_model_paths.yaml"
     config.write_text(f"shared:\n    base_path: {tmp_path / 'shared_models'}\n    id_animator: faces\n")
     utils.extra_config.load_extra_path_config(str(config))
-    comfy.folder_paths.filename_list_cache.clear()
     assert "animator_remapped.ckpt" in comfy.folder_paths.get_filename_list("id_animator")
     graph = id_nodes(prefix="remap_")
     graph["remap_ida"]["inputs"]["adapter_name"] = "animator_remapped.ckpt"
