@@ -84,8 +84,14 @@ def main() -> None:
     import torch
 
     device_args = [] if torch.cuda.is_available() else ["--cpu"]
+    # ComfyUI's default database sits inside its own tree (our cache), whose user/ folder does not
+    # exist: every start logged "Failed to initialize database". It belongs with the user's files.
+    database_args = []
+    if not any(arg.split("=", 1)[0] == "--database-url" for arg in comfy_args):
+        (base / "user").mkdir(parents=True, exist_ok=True)
+        database_args = [f"--database-url=sqlite:///{base / 'user' / 'comfyui.db'}"]
     cmd = [sys.executable, str(args.comfyui / "main.py"), "--listen", args.listen, "--port", str(args.port),
-           "--base-directory", str(base), "--disable-api-nodes", *device_args, *comfy_args]
+           "--base-directory", str(base), "--disable-api-nodes", *device_args, *database_args, *comfy_args]
     host = args.listen if args.listen.count(",") == 0 and args.listen not in ("0.0.0.0", "::") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     print(f"Starting ComfyUI 0.30.0 on http://{host}:{args.port} (base folder {base})", flush=True)

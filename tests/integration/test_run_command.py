@@ -65,6 +65,7 @@ def test_run_command_brings_the_packs_and_lists_what_each_workflow_lacks(tmp_pat
     text = log.read_text()
     assert f"http://127.0.0.1:{port}" in text and ":8188" not in text, text[:3000]
     assert "IMPORT FAILED" not in text and "NOT INSTALLED" not in text, text[-3000:]
+    assert "Failed to initialize database" not in text and (base / "user" / "comfyui.db").is_file(), text[-3000:]
     for pack in packs.PACKS:
         assert head(base / "custom_nodes" / pack.name) == pack.commit
     assert (base / "custom_nodes" / "id_animator").resolve() == REPO
