@@ -7,6 +7,7 @@ import time
 import comfy.clip_vision
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import folder_paths
 from comfy_api.latest import io
 
@@ -17,7 +18,7 @@ from ..adapter.identity import AdapterSource
 from ..adapter.resampler import Resampler
 from ..adapter.weights_file import read_state_dict
 from . import folders
-from .shared_models import shared_load
+from .shared_models import result_of_files, shared_load
 from .types import ID_ANIMATOR, IDAnimator
 
 PROVIDERS = ["auto", "CPU", "CUDA", "ROCM", "CoreML"]
@@ -91,19 +92,24 @@ class LoadIDAnimator(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name: str, clip_vision_name: str, face_detector: str, provider: str) -> io.NodeOutput:
-        weights = load_adapter_checkpoint(folder_paths.get_full_path_or_raise(folders.ADAPTER_FOLDER, adapter_name))
+        adapter_path = folder_paths.get_full_path_or_raise(folders.ADAPTER_FOLDER, adapter_name)
+        clip_vision_path = folder_paths.get_full_path_or_raise("clip_vision", clip_vision_name)
+        weights = load_adapter_checkpoint(adapter_path)
         started = time.perf_counter()
         source = AdapterSource.of(weights, adapter_name)  # FACE_EMBEDS carry it: see adapter.identity
         logging.info("ID-Animator: adapter %s fingerprinted in %.2f s", source, time.perf_counter() - started)
-        resampler = Resampler()
+        resampler = Resampler(operations=comfy.ops.disable_weight_init)  # no random init: loaded next
         resampler.load_state_dict(weights.resampler)
         resampler.eval()
         resampler_patcher = comfy.model_patcher.CoreModelPatcher(
             resampler, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
-        clip_vision = shared_load("clip_vision", folder_paths.get_full_path_or_raise("clip_vision", clip_vision_name),
+        clip_vision = shared_load("clip_vision", clip_vision_path,
                                   lambda: load_clip_vision_h(clip_vision_name))  # one tower per file
         detector = FaceDetector(folders.detector_pack_path(face_detector), resolve_providers(provider))
         logging.info("ID-Animator: loaded %s; face detector %s runs on %s", adapter_name, face_detector,
                      ", ".join(detector.providers_in_use))
-        return io.NodeOutput(IDAnimator(adapter_name, weights, resampler_patcher, clip_vision, detector, source))
+        # the unconditional tokens depend only on the two files: a reload of them reuses the tokens
+        uncond = result_of_files("uncond_tokens", clip_vision_path, adapter_path)
+        return io.NodeOutput(IDAnimator(adapter_name, weights, resampler_patcher, clip_vision, detector, source,
+                                        uncond))

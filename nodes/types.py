@@ -4,7 +4,8 @@
   (file name + fingerprint), the Resampler (wrapped in a ModelPatcher so ComfyUI's memory
   management moves it), the CLIP ViT-H/14 vision tower (one object for every loader naming the
   same file: nodes.shared_models), the face detector, and the unconditional face tokens, computed
-  by the first FaceEncode and then kept (they depend only on the tower and the Resampler).
+  by the first FaceEncode and then kept (they depend only on the CLIP file and the adapter file,
+  so every loader of the same two files shares them: nodes.shared_models.result_of_files).
 - `FACE_SCORER` carries a `FaceScorer`: an insightface pack's recognition model and a face
   detector (that pack's own, or the one a LoadIDAnimator already holds), for FaceSimilarity.
 - `FACE_EMBEDS` carries an `adapter.identity.FaceEmbeds`: 16 face tokens per identity, the
@@ -54,8 +55,9 @@ class IDAnimator:
     # Fingerprinted once here (LoadIDAnimator passes it in; built without it, e.g. by a bench
     # script, it is computed on construction): ~0.13 s for the 61.8 M parameters on one core.
     source: Optional[AdapterSource] = None
-    # Resampler(CLIP(zero normalized pixels)) (16, 768): one ViT-H forward per loaded adapter, not
-    # one per FaceEncode. Kept as long as ComfyUI caches this loader's output.
+    # Resampler(CLIP(zero normalized pixels)) (16, 768): one ViT-H forward per CLIP file and
+    # adapter file, not one per FaceEncode or per reload of the same files (LoadIDAnimator passes
+    # the slot those files share).
     uncond: ComputedOnce = field(default_factory=ComputedOnce, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import shutil
 import socket
@@ -92,6 +93,8 @@ class InProcessComfy:
         self.execution, self.nodes, self.folder_paths = execution, nodes, folder_paths
         self.import_failed = self.loop.run_until_complete(
             nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        gc.collect()  # ComfyUI's modules and node classes live as long as the process: left out of
+        gc.freeze()  # every later collection (tests/conftest.py, pytest_collection_finish)
         self.server = _StubServer()
         self.executor = self._new_executor()
 
@@ -100,8 +103,6 @@ class InProcessComfy:
                                              cache_args={"lru": 0, "ram": 2.0, "ram_inactive": 8.0})
 
     def release(self) -> None:
-        import gc
-
         import comfy.model_management
 
         self.executor = None  # its output cache holds the loaded models
