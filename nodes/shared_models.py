@@ -20,7 +20,7 @@ from .types import ComputedOnce
 Model = TypeVar("Model")
 
 _LOADED: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
-# A few KB each (the unconditional face tokens are 16x768 floats): the last few are kept strongly.
+# Small results (the unconditional face tokens: 16x768 floats, 48 KB), the last KEPT_RESULTS kept strongly.
 KEPT_RESULTS = 16
 _RESULTS: "OrderedDict[tuple, ComputedOnce]" = OrderedDict()
 

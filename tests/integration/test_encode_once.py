@@ -2,8 +2,9 @@
 tokens are computed by the first encode with a CLIP file and an adapter file and then kept for
 those two files, so a second loader of the same files (or the same loader run again after ComfyUI
 dropped it) computes none; and two LoadIDAnimator nodes naming the same CLIP file hold one tower.
-Counted on every tower call of the real executor; the kept tokens equal, bit for bit, the
-per-encode computation they replace."""
+Counted on every call of FaceEncode's tower function (`clip_penultimate`, its only way to the
+tower) through the real executor; the kept tokens equal, bit for bit, the per-encode computation
+they replace."""
 from __future__ import annotations
 
 import os
