@@ -70,10 +70,12 @@ def open_comfyui(url: str, chromium: str, messages: list[str] | None = None,
 
 
 def close_dialogs(page: Any) -> list[str]:
-    """Close open dialogs (e.g. the missing-nodes list); returns their text."""
+    """Close open dialogs (e.g. the missing-nodes list, the template browser); returns their text.
+    The frontend draws PrimeVue dialogs and newer ones (role=dialog over a full-page overlay that
+    takes every click)."""
     texts = []
     for _ in range(5):
-        dialogs = page.locator(".p-dialog:visible")
+        dialogs = page.locator(".p-dialog:visible, [role=dialog]:visible")
         if dialogs.count() == 0:
             break
         texts.append(dialogs.first.inner_text())

@@ -62,7 +62,10 @@ def test_template_browser_lists_every_workflow_with_thumbnail(page, artifacts):
     assert set(widths) == set(NAMES) and all(w > 0 for w in widths.values()), widths
     cards.first.scroll_into_view_if_needed()
     page.screenshot(path=str(artifacts / "templates.png"))
-    dialog.locator("[data-testid=template-workflow-id_image]").click()
+    card = dialog.locator("[data-testid=template-workflow-id_image]")
+    card.scroll_into_view_if_needed()
+    card.click()
+    dialog.wait_for(state="hidden")  # the browser closes once the click has loaded the template
     page.wait_for_function("(count) => app.graph.nodes.length === count", arg=len(workflow_bed.load("id_image")["nodes"]))
     assert sorted(page.evaluate("() => app.graph.nodes.map(n => n.type)")) == sorted(
         n["type"] for n in workflow_bed.load("id_image")["nodes"])
