@@ -26,10 +26,10 @@ DOWNLOAD_HINT = ("animator.ckpt comes from the ID-Animator Hugging Face Space "
                  "(huggingface.co/spaces/ID-Animator/ID-Animator) and goes in models/id_animator/.")
 
 
-def load_clip_vision_h(name: str):
+def load_clip_vision_h(name: str, path: str):
     """The pack's safe reader and its ViT-H/14 check (official §4.3), the same as the trainer's, so
-    a wrong file gets the same message; then ComfyUI's own CLIP vision model from the tensors."""
-    path = folder_paths.get_full_path_or_raise("clip_vision", name)
+    a wrong file gets the same message; then ComfyUI's own CLIP vision model from the tensors.
+    `name` is the file as the user picked it (for messages), `path` where it resolved."""
     with clip_vision_expected():
         state = read_state_dict(path)
     state = state.get("state_dict", state)  # Lightning-era nesting
@@ -105,7 +105,7 @@ class LoadIDAnimator(io.ComfyNode):
             resampler, load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device())
         clip_vision = shared_load("clip_vision", clip_vision_path,
-                                  lambda: load_clip_vision_h(clip_vision_name))  # one tower per file
+                                  lambda: load_clip_vision_h(clip_vision_name, clip_vision_path))  # one tower per file
         detector = FaceDetector(folders.detector_pack_path(face_detector), resolve_providers(provider))
         logging.info("ID-Animator: loaded %s; face detector %s runs on %s", adapter_name, face_detector,
                      ", ".join(detector.providers_in_use))
